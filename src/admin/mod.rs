@@ -1,0 +1,245 @@
+//! The admin server: /ready, /live, /metrics, /drain, /drained, /status.
+//!
+//! It runs on its own port, never on the proxy's, and is the last thing to
+//! close. It only reads the lifecycle's atomics; the one thing it can change
+//! (`POST /drain`) is a message to the lifecycle, accepted from loopback only,
+//! because every pod in the cluster can reach this port.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::lifecycle::{Event, Lifecycle};
+
+/// Admin connections served at once; more are closed at accept.
+const MAX_ADMIN_CONNECTIONS: usize = 128;
+/// `GET /drained` requests allowed to wait at once (503 beyond).
+const MAX_DRAINED_WAITERS: usize = 64;
+const DEFAULT_DRAINED_WAIT: Duration = Duration::from_secs(60);
+const MAX_DRAINED_WAIT: Duration = Duration::from_secs(600);
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct AdminState {
+    lifecycle: Arc<Lifecycle>,
+    events: mpsc::Sender<Event>,
+    drained_waiters: Semaphore,
+}
+
+pub struct AdminServer {
+    shutdown: CancellationToken,
+    accept_loop: tokio::task::JoinHandle<()>,
+    connections: TaskTracker,
+}
+
+impl AdminServer {
+    pub fn start(listener: TcpListener, lifecycle: Arc<Lifecycle>, events: mpsc::Sender<Event>) -> Self {
+        let state = Arc::new(AdminState {
+            lifecycle,
+            events,
+            drained_waiters: Semaphore::new(MAX_DRAINED_WAITERS),
+        });
+        let shutdown = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let accept_loop = tokio::spawn(accept(listener, state, shutdown.clone(), connections.clone()));
+        AdminServer {
+            shutdown,
+            accept_loop,
+            connections,
+        }
+    }
+
+    /// Stops accepting, finishes the requests being answered, bounded.
+    pub async fn shutdown(self, wait_at_most: Duration) {
+        self.shutdown.cancel();
+        let _ = self.accept_loop.await;
+        self.connections.close();
+        if timeout(wait_at_most, self.connections.wait()).await.is_err() {
+            tracing::debug!("admin connections still open at exit");
+        }
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+async fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let lifecycle = &state.lifecycle;
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    match req.uri().path() {
+        "/ready" if read => match lifecycle.readiness() {
+            Ok(()) => text(StatusCode::OK, "serving\n"),
+            Err("starting") => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+            Err("draining") => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            Err("drained") => text(StatusCode::SERVICE_UNAVAILABLE, "drained\n"),
+            Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable\n"),
+        },
+        "/live" if read => text(StatusCode::OK, "alive\n"),
+        "/metrics" if read => {
+            let mut response = Response::new(Full::new(Bytes::from(lifecycle.metrics.encode())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        "/status" if read => json(StatusCode::OK, &Status::of(lifecycle)),
+        "/drained" if read => drained(state, req.uri().query()).await,
+        "/drain" if req.method() == Method::POST => {
+            if !peer.ip().to_canonical().is_loopback() {
+                return text(StatusCode::FORBIDDEN, "POST /drain is accepted from loopback only\n");
+            }
+            // A full queue means a drain request is already waiting: fine.
+            let _ = state.events.try_send(Event::DrainRequested);
+            text(StatusCode::ACCEPTED, "draining\n")
+        }
+        "/drain" => method_not_allowed("POST"),
+        "/ready" | "/live" | "/metrics" | "/status" | "/drained" => method_not_allowed("GET, HEAD"),
+        _ => text(StatusCode::NOT_FOUND, "not found; try /ready /live /metrics /status /drained, POST /drain\n"),
+    }
+}
+
+/// `GET /drained[?timeout=30s]`: answers once the drain has completed.
+async fn drained(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+    let wait = match query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("timeout="))
+    {
+        Some(value) => match crate::config::parse_duration(value) {
+            Ok(wait) => wait.min(MAX_DRAINED_WAIT),
+            Err(e) => {
+                return json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": format!("timeout: {e}") }));
+            }
+        },
+        None => DEFAULT_DRAINED_WAIT,
+    };
+    let Ok(_permit) = state.drained_waiters.try_acquire() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "too many /drained waiters\n");
+    };
+    let mut drained = state.lifecycle.subscribe_drained();
+    match timeout(wait, drained.wait_for(Option::is_some)).await {
+        Ok(Ok(summary)) => json(StatusCode::OK, &*summary),
+        _ => json(
+            StatusCode::GATEWAY_TIMEOUT,
+            &serde_json::json!({ "error": "not drained yet", "state": state.lifecycle.state().as_str() }),
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    state: &'static str,
+    phase: &'static str,
+    ready: bool,
+    upstream_up: bool,
+    connections_active: usize,
+    requests_in_flight: i64,
+    upgrades_active: i64,
+    drain_started_unix_ms: Option<u64>,
+    drain_deadline_unix_ms: Option<u64>,
+    version: &'static str,
+}
+
+impl Status {
+    fn of(lifecycle: &Lifecycle) -> Status {
+        Status {
+            state: lifecycle.state().as_str(),
+            phase: lifecycle.phase().as_str(),
+            ready: lifecycle.readiness().is_ok(),
+            upstream_up: lifecycle.upstream_up(),
+            connections_active: lifecycle.connections.active(),
+            requests_in_flight: lifecycle.metrics.requests_in_flight.get(),
+            upgrades_active: lifecycle.metrics.upgrades_active.get(),
+            drain_started_unix_ms: lifecycle.drain_started_unix_ms(),
+            drain_deadline_unix_ms: lifecycle.drain_deadline_unix_ms(),
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+}

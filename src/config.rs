@@ -1,0 +1,312 @@
+//! Command line and environment: clap definitions, parsing of the project's own
+//! value types (durations, addresses) and the cross-flag validation.
+//!
+//! Every error names the flag and the bad value, so the single `error:` line a
+//! user sees is enough to fix the problem. Nothing here opens a socket.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// lameduck: a sidecar proxy that drains without dropping a request.
+#[derive(Debug, Parser)]
+#[command(name = "lameduck", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default when no subcommand is given).
+    Run(ProxyArgs),
+    /// Run a built-in sample app on loopback with the proxy in front of it.
+    Demo(ProxyArgs),
+    /// Run only the built-in sample app (an upstream for tests and benchmarks).
+    DemoApp(DemoAppArgs),
+    /// Ask a running lameduck to drain, through its admin port (for preStop hooks).
+    Drain(DrainArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Http,
+    Tcp,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Tcp => "tcp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// The proxy's flags. Each is also read from `LAMEDUCK_<FLAG>`.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// Address the proxy listens on.
+    #[arg(long, env = "LAMEDUCK_LISTEN", default_value = "0.0.0.0:8000", value_parser = parse_socket_addr)]
+    pub listen: SocketAddr,
+
+    /// The app: host:port (a name is resolved once, at start-up).
+    #[arg(long, env = "LAMEDUCK_UPSTREAM", default_value = "127.0.0.1:8080", value_parser = parse_upstream)]
+    pub upstream: String,
+
+    /// What is proxied: HTTP requests or raw TCP streams.
+    #[arg(long, env = "LAMEDUCK_MODE", value_enum, default_value_t = Mode::Http)]
+    pub mode: Mode,
+
+    /// Protocol spoken to the app (`http2` is cleartext h2, e.g. for gRPC).
+    #[arg(long, env = "LAMEDUCK_UPSTREAM_PROTOCOL", value_enum, default_value_t = UpstreamProtocol::Http1)]
+    pub upstream_protocol: UpstreamProtocol,
+
+    /// Address of the admin server (/ready, /live, /metrics, /drain, /drained, /status).
+    #[arg(long, env = "LAMEDUCK_ADMIN_LISTEN", default_value = "0.0.0.0:9901", value_parser = parse_socket_addr)]
+    pub admin_listen: SocketAddr,
+
+    /// Lame-duck window after SIGTERM: not ready, but still accepting and serving.
+    #[arg(long, env = "LAMEDUCK_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+
+    /// Hard deadline, measured from the start of the drain.
+    #[arg(long, env = "LAMEDUCK_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// After the drain, keep answering /metrics and /ready this long (capped by the deadline).
+    #[arg(long, env = "LAMEDUCK_METRICS_LINGER", default_value = "15s", value_parser = parse_duration)]
+    pub metrics_linger: Duration,
+
+    /// Connections above this number are closed as soon as they are accepted.
+    #[arg(long, env = "LAMEDUCK_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Time a client has to send a complete request head (and the HTTP/2 preface).
+    #[arg(long, env = "LAMEDUCK_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A keep-alive connection with no request for this long is closed. Keep it
+    /// longer than the idle timeout of whatever sends traffic to lameduck.
+    #[arg(long, env = "LAMEDUCK_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time allowed to open a TCP connection to the app.
+    #[arg(long, env = "LAMEDUCK_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Time allowed for the app's response headers (504 after).
+    #[arg(long, env = "LAMEDUCK_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "LAMEDUCK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG is used when this is not given.
+    #[arg(long, env = "LAMEDUCK_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// A file holding the log filter, re-read on SIGHUP (e.g. mounted from a ConfigMap).
+    #[arg(long, env = "LAMEDUCK_LOG_LEVEL_FILE")]
+    pub log_level_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoAppArgs {
+    /// Address the sample app listens on.
+    #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_socket_addr)]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrainArgs {
+    /// Admin address of the running lameduck.
+    #[arg(long, env = "LAMEDUCK_DRAIN_ADMIN", default_value = "127.0.0.1:9901", value_parser = parse_socket_addr)]
+    pub admin: SocketAddr,
+
+    /// Block until the drain has completed.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// How long --wait waits at most.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// The validated proxy configuration the rest of the program works with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+    /// What the user wrote, for logs and the Host fallback.
+    pub upstream_name: String,
+    pub mode: Mode,
+    pub upstream_protocol: UpstreamProtocol,
+    pub admin_listen: SocketAddr,
+    pub drain_delay: Duration,
+    pub drain_timeout: Duration,
+    pub metrics_linger: Duration,
+    pub max_connections: u32,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--drain-timeout ({timeout}) must not be smaller than --drain-delay ({delay})")]
+    DeadlineBeforeWindow { timeout: String, delay: String },
+    #[error("--{flag} must be greater than zero")]
+    ZeroDuration { flag: &'static str },
+    #[error("--upstream {name:?} could not be resolved: {reason}")]
+    UnresolvableUpstream { name: String, reason: String },
+    #[error("--listen and --admin-listen are the same address ({0})")]
+    SameListenAddress(SocketAddr),
+}
+
+impl ProxyArgs {
+    /// Validates the flags that depend on each other and resolves the upstream.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        if self.drain_timeout < self.drain_delay {
+            return Err(ConfigError::DeadlineBeforeWindow {
+                timeout: humantime::format_duration(self.drain_timeout).to_string(),
+                delay: humantime::format_duration(self.drain_delay).to_string(),
+            });
+        }
+        for (flag, value) in [
+            ("drain-timeout", self.drain_timeout),
+            ("header-read-timeout", self.header_read_timeout),
+            ("idle-timeout", self.idle_timeout),
+            ("upstream-connect-timeout", self.upstream_connect_timeout),
+            ("upstream-timeout", self.upstream_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration { flag });
+            }
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return Err(ConfigError::SameListenAddress(self.listen));
+        }
+        let upstream = resolve_upstream(&self.upstream)?;
+        Ok(Config {
+            listen: self.listen,
+            upstream,
+            upstream_name: self.upstream,
+            mode: self.mode,
+            upstream_protocol: self.upstream_protocol,
+            admin_listen: self.admin_listen,
+            drain_delay: self.drain_delay,
+            drain_timeout: self.drain_timeout,
+            metrics_linger: self.metrics_linger,
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            upstream_connect_timeout: self.upstream_connect_timeout,
+            upstream_timeout: self.upstream_timeout,
+        })
+    }
+}
+
+fn resolve_upstream(name: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = name.parse() {
+        return Ok(addr);
+    }
+    let unresolvable = |reason: String| ConfigError::UnresolvableUpstream {
+        name: name.to_owned(),
+        reason,
+    };
+    let mut addrs = name.to_socket_addrs().map_err(|e| unresolvable(e.to_string()))?;
+    addrs
+        .next()
+        .ok_or_else(|| unresolvable("no address found".to_owned()))
+}
+
+/// Parses a duration in humantime form (`500ms`, `5s`, `1m30s`). A bare number
+/// is refused rather than guessed: `5` could mean seconds or milliseconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err("empty duration; use e.g. 500ms, 5s, 1m".to_owned());
+    }
+    if value.bytes().all(|b| b.is_ascii_digit()) && value != "0" {
+        return Err(format!("{value:?} has no unit; use e.g. {value}s or {value}ms"));
+    }
+    humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration ({e}); use e.g. 500ms, 5s, 1m"))
+}
+
+/// Parses `ip:port` (IPv6 in brackets). Host names are refused here: listeners
+/// bind to addresses, and a name that resolves to several would be ambiguous.
+pub fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
+    value.trim().parse().map_err(|_| {
+        format!("{value:?} is not an address; use ip:port, e.g. 0.0.0.0:8000 or [::1]:8000")
+    })
+}
+
+/// Accepts `host:port` where host is an IP or a DNS name; the port is required.
+pub fn parse_upstream(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.parse::<SocketAddr>().is_ok() {
+        return Ok(value.to_owned());
+    }
+    let bad = || format!("{value:?} is not host:port, e.g. 127.0.0.1:8080 or app:8080");
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains(['/', ' ', '[', ']', ':']) || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5").unwrap_err().contains("no unit"));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn addresses_are_ip_and_port() {
+        assert!(parse_socket_addr("127.0.0.1:8000").is_ok());
+        assert!(parse_socket_addr("[::1]:80").is_ok());
+        assert!(parse_socket_addr("localhost:80").is_err());
+        assert!(parse_socket_addr("127.0.0.1").is_err());
+        assert!(parse_upstream("app:8080").is_ok());
+        assert!(parse_upstream("app").is_err());
+        assert!(parse_upstream("app:http").is_err());
+        assert!(parse_upstream(":80").is_err());
+    }
+
+    #[test]
+    fn deadline_must_cover_the_window() {
+        let cli = Cli::parse_from(["lameduck", "--drain-delay", "10s", "--drain-timeout", "5s"]);
+        let err = cli.proxy.into_config().unwrap_err().to_string();
+        assert!(err.contains("--drain-timeout"), "{err}");
+    }
+}

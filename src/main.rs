@@ -1,0 +1,137 @@
+//! Command line → configuration → runtime → lifecycle → exit status.
+//! The only place the process decides how it exits.
+//!
+//! Exit status: 0 drained gracefully (or a client command succeeded);
+//! 1 start-up or runtime failure; 2 invalid flags or configuration;
+//! 3 drain deadline reached, connections closed forcibly;
+//! 4 a second signal forced the exit.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use lameduck::config::{Cli, Command, Config, ProxyArgs};
+use lameduck::{demo, drain_client, lifecycle, telemetry};
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+/// One line on stderr, then the exit status: what a user sees for bad input.
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first line says what is wrong and names the flag.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{first}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(EXIT_FAILURE, format!("cannot start the async runtime: {e}")),
+    };
+    match cli.command {
+        None => runtime.block_on(run_proxy(cli.proxy, None)),
+        Some(Command::Run(args)) => runtime.block_on(run_proxy(args, None)),
+        Some(Command::Demo(args)) => runtime.block_on(run_demo(args)),
+        Some(Command::DemoApp(args)) => runtime.block_on(run_demo_app(args.listen)),
+        Some(Command::Drain(args)) => match runtime.block_on(drain_client::run(args)) {
+            Ok(output) => {
+                println!("{output}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_FAILURE, e),
+        },
+    }
+}
+
+fn configure(args: ProxyArgs) -> Result<(Config, telemetry::LogReloader), ExitCode> {
+    let logs = telemetry::init(args.log_format, args.log_level.as_deref(), args.log_level_file.as_deref())
+        .map_err(|e| fail(EXIT_USAGE, e))?;
+    let config = args.into_config().map_err(|e| fail(EXIT_USAGE, e))?;
+    Ok((config, logs))
+}
+
+async fn run_proxy(args: ProxyArgs, upstream_override: Option<std::net::SocketAddr>) -> ExitCode {
+    let (mut config, logs) = match configure(args) {
+        Ok(configured) => configured,
+        Err(code) => return code,
+    };
+    if let Some(upstream) = upstream_override {
+        config.upstream = upstream;
+        config.upstream_name = upstream.to_string();
+    }
+    match lifecycle::run(config, logs).await {
+        Ok(outcome) => {
+            tracing::info!(exit_code = outcome.exit_code(), "exiting");
+            ExitCode::from(outcome.exit_code())
+        }
+        Err(e) => fail(EXIT_FAILURE, e),
+    }
+}
+
+async fn run_demo(args: ProxyArgs) -> ExitCode {
+    let app = match TcpListener::bind("127.0.0.1:0").await {
+        Ok(app) => app,
+        Err(e) => return fail(EXIT_FAILURE, format!("cannot start the demo app: {e}")),
+    };
+    let app_addr = match app.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => return fail(EXIT_FAILURE, format!("cannot start the demo app: {e}")),
+    };
+    let proxy = loopback_for(args.listen);
+    let admin = loopback_for(args.admin_listen);
+    println!(
+        "lameduck demo: app on {app_addr}, proxy on {proxy}, admin on {admin}, pid {pid}\n\
+         try, in another terminal:\n\
+         \x20 curl -i http://{proxy}/\n\
+         \x20 curl -i http://{admin}/ready\n\
+         \x20 curl -s http://{admin}/metrics | grep lameduck_\n\
+         \x20 curl -s http://{proxy}/slow?ms=8000 & sleep 1; kill -TERM {pid}   # the slow request still completes\n\
+         \x20 curl -s http://{admin}/status\n",
+        pid = std::process::id()
+    );
+    // The app outlives the proxy: it stops only after the drain is over.
+    let stop_app = CancellationToken::new();
+    let app_task = tokio::spawn(demo::serve(app, stop_app.clone()));
+    let code = run_proxy(args, Some(app_addr)).await;
+    stop_app.cancel();
+    let _ = app_task.await;
+    code
+}
+
+async fn run_demo_app(listen: std::net::SocketAddr) -> ExitCode {
+    let listener = match TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(e) => return fail(EXIT_FAILURE, format!("cannot listen on --listen {listen}: {e}")),
+    };
+    let stop = CancellationToken::new();
+    let app = tokio::spawn(demo::serve(listener, stop.clone()));
+    let _ = tokio::signal::ctrl_c().await;
+    stop.cancel();
+    let _ = app.await;
+    ExitCode::SUCCESS
+}
+
+/// The address a local curl should use for a listen address.
+fn loopback_for(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}

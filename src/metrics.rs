@@ -1,0 +1,294 @@
+//! The Prometheus registry and pre-resolved metric handles.
+//!
+//! Every labelled series the hot path touches is resolved once, here, into a
+//! plain handle (an `Arc` around an atomic): recording a request is a few
+//! atomic adds and never a map look-up. Nothing in this module allocates per
+//! request or takes a lock the hot path waits on, except the histogram's
+//! short, uncontended-in-practice write lock inside prometheus-client.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// The content type of [`Metrics::encode`]'s output (prometheus-client writes OpenMetrics).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Protocol of a downstream connection, the `protocol` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1 = 0,
+    Http2 = 1,
+    Tcp = 2,
+}
+
+impl Protocol {
+    const ALL: [Protocol; 3] = [Protocol::Http1, Protocol::Http2, Protocol::Tcp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// Why a request to the app failed, the `kind` label of `upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// The TCP connection was refused or failed.
+    Connect = 0,
+    ConnectTimeout = 1,
+    /// No response headers within --upstream-timeout.
+    Timeout = 2,
+    /// The app closed or reset the connection mid-exchange.
+    Closed = 3,
+    /// The app spoke something that is not valid HTTP.
+    Protocol = 4,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 5] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::ConnectTimeout,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Closed,
+        UpstreamErrorKind::Protocol,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::ConnectTimeout => "connect_timeout",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Closed => "closed",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// The lifecycle states, in order; the `state` label.
+pub const STATE_NAMES: [&str; 4] = ["starting", "serving", "draining", "drained"];
+
+pub struct Metrics {
+    registry: Registry,
+    connections_active: [Gauge; 3],
+    connections_total: [Counter; 3],
+    pub connections_rejected: Counter,
+    pub requests_in_flight: Gauge,
+    /// Indexed by status / 100 - 1 (1xx .. 5xx).
+    requests_by_class: [Counter; 5],
+    pub request_duration: Histogram,
+    upstream_errors: [Counter; 5],
+    pub upgrades_active: Gauge,
+    pub draining: Gauge,
+    state: [Gauge; 4],
+    pub drain_started_timestamp: Gauge<f64, AtomicU64>,
+    pub drain_duration: Gauge<f64, AtomicU64>,
+    pub drain_closed_graceful: Counter,
+    pub drain_closed_forced: Counter,
+}
+
+/// Registers a family with one label and returns the handle of each value, in order.
+fn labelled<M, const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: [&'static str; N],
+) -> [M; N]
+where
+    M: prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + Clone
+        + Default
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let family = Family::<Labels, M>::default();
+    registry.register(name, help, family.clone());
+    values.map(|value| family.get_or_create(&[(label, value)]).clone())
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lameduck");
+        let connections_active = labelled(
+            &mut registry,
+            "connections_active",
+            "Open downstream connections, including upgraded ones",
+            "protocol",
+            Protocol::ALL.map(Protocol::as_str),
+        );
+        let connections_total = labelled(
+            &mut registry,
+            "connections",
+            "Downstream connections accepted",
+            "protocol",
+            Protocol::ALL.map(Protocol::as_str),
+        );
+        let connections_rejected = Counter::default();
+        registry.register(
+            "connections_rejected",
+            "Connections closed at accept because --max-connections was reached",
+            connections_rejected.clone(),
+        );
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests received and not yet fully answered",
+            requests_in_flight.clone(),
+        );
+        let requests_by_class = labelled(
+            &mut registry,
+            "requests",
+            "Requests answered, by status class",
+            "code",
+            ["1xx", "2xx", "3xx", "4xx", "5xx"],
+        );
+        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to the end of the response body",
+            request_duration.clone(),
+        );
+        let upstream_errors = labelled(
+            &mut registry,
+            "upstream_errors",
+            "Failed exchanges with the app",
+            "kind",
+            UpstreamErrorKind::ALL.map(UpstreamErrorKind::as_str),
+        );
+        let upgrades_active = Gauge::default();
+        registry.register(
+            "upgrades_active",
+            "Upgraded (e.g. WebSocket) tunnels open",
+            upgrades_active.clone(),
+        );
+        let draining = Gauge::default();
+        registry.register(
+            "draining",
+            "1 from the start of the drain on",
+            draining.clone(),
+        );
+        let state = labelled(
+            &mut registry,
+            "state",
+            "1 for the current lifecycle state",
+            "state",
+            STATE_NAMES,
+        );
+        let drain_started_timestamp = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "drain_started_timestamp_seconds",
+            "Unix time the drain started (0 before)",
+            drain_started_timestamp.clone(),
+        );
+        let drain_duration = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "drain_duration_seconds",
+            "Seconds from drain start to the last connection closing (0 until drained)",
+            drain_duration.clone(),
+        );
+        let [drain_closed_graceful, drain_closed_forced] = labelled(
+            &mut registry,
+            "drain_connections_closed",
+            "Connections that ended during the drain",
+            "how",
+            ["graceful", "forced"],
+        );
+        let build_info = Family::<Labels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Build information",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+
+        Metrics {
+            registry,
+            connections_active,
+            connections_total,
+            connections_rejected,
+            requests_in_flight,
+            requests_by_class,
+            request_duration,
+            upstream_errors,
+            upgrades_active,
+            draining,
+            state,
+            drain_started_timestamp,
+            drain_duration,
+            drain_closed_graceful,
+            drain_closed_forced,
+        }
+    }
+
+    pub fn connections_active(&self, protocol: Protocol) -> &Gauge {
+        &self.connections_active[protocol as usize]
+    }
+
+    pub fn connection_opened(&self, protocol: Protocol) {
+        self.connections_total[protocol as usize].inc();
+        self.connections_active[protocol as usize].inc();
+    }
+
+    pub fn request_finished(&self, status: u16, seconds: f64) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests_by_class[class].inc();
+        self.request_duration.observe(seconds);
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].inc();
+    }
+
+    pub fn set_state(&self, index: usize) {
+        for (i, gauge) in self.state.iter().enumerate() {
+            gauge.set(i64::from(i == index));
+        }
+    }
+
+    /// The whole registry in the text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_share_the_registered_series() {
+        let metrics = Metrics::new();
+        metrics.connection_opened(Protocol::Http2);
+        metrics.request_finished(503, 0.01);
+        metrics.upstream_error(UpstreamErrorKind::ConnectTimeout);
+        let text = metrics.encode();
+        assert!(text.contains("lameduck_connections_active{protocol=\"http2\"} 1"), "{text}");
+        assert!(text.contains("lameduck_requests_total{code=\"5xx\"} 1"), "{text}");
+        assert!(text.contains("lameduck_upstream_errors_total{kind=\"connect_timeout\"} 1"), "{text}");
+        assert!(text.contains("lameduck_build_info{version="), "{text}");
+    }
+}

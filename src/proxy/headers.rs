@@ -1,0 +1,249 @@
+//! The header rewriting lameduck does itself (all parsing is hyper's):
+//! hop-by-hop removal (RFC 9110 §7.6.1), `x-forwarded-*`, `x-request-id`, and
+//! the request-target form each upstream protocol needs.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Version};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Longest request id accepted from a client; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 200;
+
+/// Generates request ids: a random per-process prefix and a counter, so ids are
+/// unique across replicas without a random number per request.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new() -> Self {
+        // RandomState is seeded from the OS's randomness once per process.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        RequestIds {
+            prefix: hasher.finish(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    pub fn next(&self) -> HeaderValue {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 33];
+        hex16(self.prefix, &mut buf[..16]);
+        buf[16] = b'-';
+        hex16(n, &mut buf[17..]);
+        // Only hex digits and '-': always a valid header value.
+        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn hex16(mut value: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
+
+/// Returns the request's id, generating one when it is absent, empty or too long.
+pub fn ensure_request_id(headers: &mut HeaderMap, ids: &RequestIds) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID)
+        && !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+    {
+        return id.clone();
+    }
+    let id = ids.next();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (e.g. WebSocket).
+pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has_token(req.headers(), "upgrade")
+}
+
+fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers: the fixed set and any named in `Connection`.
+/// `keep_te_trailers` keeps `te: trailers`, which gRPC over HTTP/2 requires.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            // Never let a client strip the headers lameduck itself vouches for.
+            if name != X_FORWARDED_FOR && name != X_REQUEST_ID {
+                headers.remove(name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    let te_trailers = keep_te_trailers
+        && headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::TRAILER);
+    headers.remove(header::UPGRADE);
+}
+
+/// Appends the peer to `x-forwarded-for`; sets `x-forwarded-proto` unless an
+/// earlier proxy (e.g. a TLS-terminating ingress) already did.
+pub fn add_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
+    let peer = peer.to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer}"),
+        _ => peer,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+}
+
+/// Rewrites the request for the upstream protocol. HTTP/1 upstreams get an
+/// origin-form target and a `Host`; HTTP/2 upstreams an absolute URI (it
+/// becomes `:scheme` and `:authority`). `fallback_authority` is used when the
+/// client sent neither (HTTP/1.0).
+pub fn set_upstream_target<B>(
+    req: &mut Request<B>,
+    upstream_h2: bool,
+    fallback_authority: &Authority,
+) -> Result<(), http::Error> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| fallback_authority.clone()),
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if upstream_h2 {
+        *req.uri_mut() = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority)
+            .path_and_query(path)
+            .build()?;
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut().remove(header::HOST);
+    } else {
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        *req.uri_mut() = Uri::from(path);
+        *req.version_mut() = Version::HTTP_11;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret, x-request-id"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, true);
+        assert!(!h.contains_key("x-secret"));
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(!h.contains_key("keep-alive"));
+        assert!(!h.contains_key("proxy-connection"));
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get("x-request-id").unwrap(), "abc");
+        assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        add_forwarded(&mut h, "127.0.0.1".parse().unwrap());
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    }
+
+    #[test]
+    fn request_ids_are_generated_unique_and_kept() {
+        let ids = RequestIds::new();
+        let mut h = HeaderMap::new();
+        let a = ensure_request_id(&mut h, &ids);
+        assert_eq!(a.len(), 33);
+        let mut h2 = HeaderMap::new();
+        assert_ne!(a, ensure_request_id(&mut h2, &ids));
+        let mut given = HeaderMap::new();
+        given.insert("x-request-id", HeaderValue::from_static("mine"));
+        assert_eq!(ensure_request_id(&mut given, &ids), "mine");
+    }
+
+    #[test]
+    fn targets_follow_the_upstream_protocol() {
+        let fallback = Authority::from_static("127.0.0.1:8080");
+        let mut req = Request::builder()
+            .uri("http://example.com/a?b=1")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        set_upstream_target(&mut req, false, &fallback).unwrap();
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.headers()[header::HOST], "example.com");
+        let mut req = Request::builder().uri("/x").header("host", "app").body(()).unwrap();
+        set_upstream_target(&mut req, true, &fallback).unwrap();
+        assert_eq!(req.uri(), "http://app/x");
+    }
+}

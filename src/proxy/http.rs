@@ -1,0 +1,309 @@
+//! One downstream HTTP connection: protocol sniffing, hyper's HTTP/1 or HTTP/2
+//! server, the drain signals that apply to it, its timeouts, and the service
+//! that forwards each request to the app.
+//!
+//! Drain semantics per connection kind:
+//! - HTTP/2: GOAWAY as soon as the drain starts; streams in flight finish.
+//! - HTTP/1: while draining every response carries `Connection: close`; idle
+//!   keep-alive connections are closed only when the window ends (closing them
+//!   earlier races with a client reusing one).
+//! - Upgraded (WebSocket): hyper stops tracking them, so the tunnel keeps the
+//!   connection's guard and ends at the deadline at the latest.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::ProxyContext;
+use super::body::ProxyBody;
+use super::guard::{ConnActivity, ConnectionGuard, GaugeGuard, RequestGuard, TimerVerdict};
+use super::headers;
+use super::io::{ServerIo, sniff};
+use super::upstream::UpstreamError;
+use crate::metrics::Protocol;
+
+pub async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut guard: ConnectionGuard,
+    ctx: Arc<ProxyContext>,
+) {
+    let activity = Arc::new(ConnActivity::new());
+    let tokens = &ctx.lifecycle.tokens;
+    let sniffed = tokio::select! {
+        sniffed = timeout(ctx.config.header_read_timeout, sniff(stream, activity.clone())) => sniffed,
+        // A connection that has not sent a byte yet is idle: close it with the listener.
+        () = tokens.stop_accepting.cancelled() => return,
+    };
+    let (protocol, io) = match sniffed {
+        Ok(Ok(Some(sniffed))) => sniffed,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection failed before its first request");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no request within the header-read timeout");
+            return;
+        }
+    };
+    guard.set_protocol(protocol);
+    let guard = Arc::new(guard);
+    let service = ProxyService(Arc::new(ConnShared {
+        ctx: ctx.clone(),
+        peer,
+        guard: guard.clone(),
+        activity: activity.clone(),
+        downstream_h2: protocol == Protocol::Http2,
+    }));
+    let io = TokioIo::new(io);
+    match protocol {
+        Protocol::Http2 => {
+            let conn = ctx.http2.serve_connection(io, service);
+            // GOAWAY at t0: the client opens its next connection elsewhere.
+            drive(conn, &ctx, &guard, &activity, false, &tokens.draining).await;
+        }
+        _ => {
+            let conn = ctx.http1.serve_connection(io, service).with_upgrades();
+            drive(conn, &ctx, &guard, &activity, true, &tokens.stop_accepting).await;
+        }
+    }
+}
+
+/// Runs a connection to its end: graceful shutdown on `shutdown`, dropped on
+/// `force`, and cut by its own header-read and idle timers.
+async fn drive<C>(
+    conn: C,
+    ctx: &ProxyContext,
+    guard: &ConnectionGuard,
+    activity: &ConnActivity,
+    track_heads: bool,
+    shutdown: &CancellationToken,
+) where
+    C: Graceful,
+{
+    let (header_timeout, idle_timeout) = (ctx.config.header_read_timeout, ctx.config.idle_timeout);
+    let mut conn = std::pin::pin!(conn);
+    let timer = sleep(header_timeout.min(idle_timeout));
+    let mut timer = std::pin::pin!(timer);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = shutdown.cancelled(), if !shutting_down => {
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+            () = ctx.lifecycle.tokens.force.cancelled() => {
+                guard.mark_forced();
+                return;
+            }
+            () = &mut timer => {
+                match activity.verdict(header_timeout, idle_timeout, track_heads) {
+                    TimerVerdict::HeadTimedOut => {
+                        tracing::debug!("request head not received within the header-read timeout");
+                        return;
+                    }
+                    TimerVerdict::Idle => {
+                        if !shutting_down {
+                            conn.as_mut().graceful_shutdown();
+                            shutting_down = true;
+                        }
+                        timer.as_mut().reset(Instant::now() + header_timeout);
+                    }
+                    TimerVerdict::CheckAgainIn(after) => timer.as_mut().reset(Instant::now() + after),
+                }
+            }
+        }
+    }
+}
+
+/// A hyper server connection that can be asked to finish gracefully.
+trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl Graceful for hyper::server::conn::http1::UpgradeableConnection<TokioIo<ServerIo>, ProxyService> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self)
+    }
+}
+
+impl Graceful for hyper::server::conn::http2::Connection<TokioIo<ServerIo>, ProxyService, TokioExecutor> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self)
+    }
+}
+
+/// What every request on one connection shares.
+struct ConnShared {
+    ctx: Arc<ProxyContext>,
+    peer: SocketAddr,
+    guard: Arc<ConnectionGuard>,
+    activity: Arc<ConnActivity>,
+    downstream_h2: bool,
+}
+
+#[derive(Clone)]
+struct ProxyService(Arc<ConnShared>);
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.0.clone();
+        Box::pin(async move { Ok(shared.handle(req).await) })
+    }
+}
+
+impl ConnShared {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let request = RequestGuard::start(self.ctx.lifecycle.clone(), self.activity.clone());
+        let request_id = headers::ensure_request_id(req.headers_mut(), &self.ctx.ids);
+        let span = tracing::debug_span!("request", id = ?request_id, method = %req.method(), path = %req.uri().path());
+        self.forward(req, request, request_id).instrument(span).await
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        request: RequestGuard,
+        request_id: HeaderValue,
+    ) -> Response<ProxyBody> {
+        let ctx = &self.ctx;
+        {
+            let upgrade = if headers::is_upgrade_request(&req) {
+                req.headers().get(header::UPGRADE).cloned()
+            } else {
+                None
+            };
+            let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+            let upstream = &ctx.upstream;
+            headers::strip_hop_by_hop(req.headers_mut(), upstream.is_http2());
+            if let Some(protocol) = upgrade {
+                req.headers_mut().insert(header::UPGRADE, protocol);
+                req.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
+            headers::add_forwarded(req.headers_mut(), self.peer.ip());
+            if headers::set_upstream_target(&mut req, upstream.is_http2(), upstream.authority()).is_err() {
+                return self.local_response(StatusCode::BAD_REQUEST, "invalid request target\n", request, request_id);
+            }
+            let limit = ctx.config.upstream_timeout;
+            let sent = match timeout(limit, upstream.send(req)).await {
+                Ok(sent) => sent,
+                Err(_) => Err(UpstreamError::Timeout(limit)),
+            };
+            let (mut response, pooled) = match sent {
+                Ok(sent) => sent,
+                Err(error) => return self.upstream_error(error, request, request_id),
+            };
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(client_upgrade) = client_upgrade {
+                    let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    ctx.tasks.spawn(tunnel(client_upgrade, upstream_upgrade, self.guard.clone(), ctx.clone()));
+                }
+                // The upstream connection now belongs to the tunnel: never pool it.
+                drop(pooled);
+                response.headers_mut().insert(headers::X_REQUEST_ID.clone(), request_id);
+                let mut request = request;
+                request.set_status(101);
+                return response.map(|body| ProxyBody::upstream(body, None, request));
+            }
+            headers::strip_hop_by_hop(response.headers_mut(), false);
+            self.finish_headers(response.headers_mut(), request_id);
+            let mut request = request;
+            request.set_status(response.status().as_u16());
+            response.map(|body| ProxyBody::upstream(body, pooled, request))
+        }
+    }
+
+    /// `x-request-id` on every response; `Connection: close` on HTTP/1 ones
+    /// while draining, so keep-alive clients move to another replica.
+    fn finish_headers(&self, headers: &mut http::HeaderMap, request_id: HeaderValue) {
+        headers.insert(headers::X_REQUEST_ID.clone(), request_id);
+        if !self.downstream_h2 && self.ctx.lifecycle.is_draining() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+
+    fn upstream_error(
+        &self,
+        error: UpstreamError,
+        request: RequestGuard,
+        request_id: HeaderValue,
+    ) -> Response<ProxyBody> {
+        tracing::warn!(request_id = ?request_id, error = %error, "upstream request failed");
+        request.upstream_failed(error.kind());
+        if matches!(error, UpstreamError::Connect { .. }) {
+            // Passive health: readiness fails now, the probe restores it.
+            self.ctx.lifecycle.set_upstream_up(false);
+        }
+        self.local_response(error.status(), error.client_message(), request, request_id)
+    }
+
+    fn local_response(
+        &self,
+        status: StatusCode,
+        text: &'static str,
+        mut request: RequestGuard,
+        request_id: HeaderValue,
+    ) -> Response<ProxyBody> {
+        request.set_status(status.as_u16());
+        let mut response = Response::new(ProxyBody::local(text, Some(request)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        self.finish_headers(response.headers_mut(), request_id);
+        response
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and app connection until
+/// either side closes, or the deadline forces it. Holds the connection's guard,
+/// so the connection counts as open (and the drain waits) until it ends.
+async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    conn: Arc<ConnectionGuard>,
+    ctx: Arc<ProxyContext>,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let _open = GaugeGuard::new(&ctx.lifecycle.metrics.upgrades_active);
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = copied {
+                tracing::debug!(error = %e, "tunnel ended with an error");
+            }
+        }
+        () = ctx.lifecycle.tokens.force.cancelled() => conn.mark_forced(),
+    }
+}

@@ -1,0 +1,118 @@
+//! The downstream socket as the HTTP server sees it: the bytes read while
+//! sniffing the protocol are replayed first, and every read tells the
+//! connection's [`ConnActivity`] that a request head may be arriving.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::guard::ConnActivity;
+use crate::metrics::Protocol;
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Bytes read during sniffing, replayed before the socket's.
+#[derive(Debug, Default)]
+struct Replay {
+    buf: [u8; 24],
+    start: usize,
+    end: usize,
+}
+
+pub struct ServerIo {
+    stream: TcpStream,
+    replay: Replay,
+    activity: Arc<ConnActivity>,
+    track_heads: bool,
+}
+
+/// Reads just enough to tell HTTP/2 prior knowledge from HTTP/1: the first 24
+/// bytes, or fewer once they stop matching the preface. `Ok(None)` if the peer
+/// closed before sending anything.
+pub async fn sniff(
+    mut stream: TcpStream,
+    activity: Arc<ConnActivity>,
+) -> io::Result<Option<(Protocol, ServerIo)>> {
+    let mut replay = Replay::default();
+    loop {
+        let n = stream.read(&mut replay.buf[replay.end..]).await?;
+        if n == 0 {
+            if replay.end == 0 {
+                return Ok(None);
+            }
+            break;
+        }
+        replay.end += n;
+        if replay.end == H2_PREFACE.len() || replay.buf[..replay.end] != H2_PREFACE[..replay.end] {
+            break;
+        }
+    }
+    let protocol = if replay.buf[..replay.end] == H2_PREFACE[..] {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    Ok(Some((
+        protocol,
+        ServerIo {
+            stream,
+            replay,
+            activity,
+            track_heads: protocol == Protocol::Http1,
+        },
+    )))
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.replay.start < this.replay.end {
+            let pending = &this.replay.buf[this.replay.start..this.replay.end];
+            let n = pending.len().min(buf.remaining());
+            buf.put_slice(&pending[..n]);
+            this.replay.start += n;
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if this.track_heads && buf.filled().len() > before {
+            this.activity.on_bytes_read();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}

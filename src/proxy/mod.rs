@@ -1,0 +1,119 @@
+//! The proxy listener: accepts connections, counts them (refusing those over
+//! `--max-connections`), and hands each to its protocol's handler. Stops
+//! accepting when the lame-duck window ends and closes the listener.
+//!
+//! Every connection task is spawned on the context's `TaskTracker`, which the
+//! lifecycle owns and waits on.
+
+pub mod body;
+pub mod guard;
+pub mod headers;
+pub mod http;
+pub mod io;
+pub mod tcp;
+pub mod upstream;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Mode};
+use crate::lifecycle::Lifecycle;
+use guard::ConnectionGuard;
+use headers::RequestIds;
+use upstream::Upstream;
+
+/// Largest request head accepted; larger ones get 431.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Everything a connection needs, shared by all of them.
+pub struct ProxyContext {
+    pub lifecycle: Arc<Lifecycle>,
+    pub upstream: Upstream,
+    pub config: Config,
+    pub ids: RequestIds,
+    /// Owns connection and tunnel tasks.
+    pub tasks: TaskTracker,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl ProxyContext {
+    pub fn new(config: Config, lifecycle: Arc<Lifecycle>, upstream: Upstream, tasks: TaskTracker) -> Self {
+        let mut http1 = http1::Builder::new();
+        // lameduck enforces the header-read timeout itself (see ConnActivity):
+        // hyper's timer would also run while a keep-alive connection is idle.
+        http1
+            .header_read_timeout(None)
+            .max_header_size(MAX_HEADER_BYTES)
+            .timer(TokioTimer::new());
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        ProxyContext {
+            lifecycle,
+            upstream,
+            config,
+            ids: RequestIds::new(),
+            tasks,
+            http1,
+            http2,
+        }
+    }
+}
+
+/// Accepts until the lame-duck window ends, then closes the listener.
+pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
+    let stop = ctx.lifecycle.tokens.stop_accepting.clone();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => spawn_connection(&ctx, stream, peer),
+            Err(e) => accept_failed(e).await,
+        }
+    }
+    // Connections the kernel completed before we stopped would be reset by the
+    // close: serve them too (they get `Connection: close`).
+    while let Ok(Ok((stream, peer))) = timeout(Duration::ZERO, listener.accept()).await {
+        spawn_connection(&ctx, stream, peer);
+    }
+    drop(listener);
+    tracing::info!(
+        connections_active = ctx.lifecycle.connections.active(),
+        "listener closed"
+    );
+}
+
+fn spawn_connection(ctx: &Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
+    let Some(guard) = ConnectionGuard::try_open(&ctx.lifecycle, ctx.config.max_connections as usize) else {
+        tracing::debug!(%peer, "connection refused: --max-connections reached");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    match ctx.config.mode {
+        Mode::Http => ctx.tasks.spawn(http::serve_connection(stream, peer, guard, ctx.clone())),
+        Mode::Tcp => ctx.tasks.spawn(tcp::serve_stream(stream, guard, ctx.clone())),
+    };
+}
+
+async fn accept_failed(error: std::io::Error) {
+    // Per-connection failures (the peer gave up) are routine; running out of
+    // file descriptors is not, and retrying at once would spin.
+    match error.kind() {
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted => {}
+        _ => {
+            tracing::warn!(error = %error, "accept failed; retrying shortly");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

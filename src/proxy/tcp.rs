@@ -1,0 +1,43 @@
+//! TCP mode: byte-for-byte passthrough. `copy_bidirectional` forwards a FIN
+//! from either side as a write shutdown on the other, so half-closed streams
+//! work. Streams run until they end or the drain deadline forces them.
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::ProxyContext;
+use super::guard::ConnectionGuard;
+use super::upstream::UpstreamError;
+use crate::metrics::Protocol;
+
+pub async fn serve_stream(mut client: TcpStream, mut guard: ConnectionGuard, ctx: Arc<ProxyContext>) {
+    guard.set_protocol(Protocol::Tcp);
+    let force = &ctx.lifecycle.tokens.force;
+    let connected = tokio::select! {
+        connected = ctx.upstream.connect_tcp() => connected,
+        () = force.cancelled() => {
+            guard.mark_forced();
+            return;
+        }
+    };
+    let mut upstream = match connected {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(error = %error, "upstream connection failed");
+            ctx.lifecycle.metrics.upstream_error(error.kind());
+            if matches!(error, UpstreamError::Connect { .. }) {
+                ctx.lifecycle.set_upstream_up(false);
+            }
+            return;
+        }
+    };
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = copied {
+                tracing::debug!(error = %e, "tcp stream ended with an error");
+            }
+        }
+        () = force.cancelled() => guard.mark_forced(),
+    }
+}

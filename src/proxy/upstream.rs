@@ -1,0 +1,312 @@
+//! Connections to the app: a small pool of HTTP/1 connections (LIFO, so the
+//! most recently used, least likely timed-out connection goes first) or one
+//! shared, multiplexed HTTP/2 connection.
+//!
+//! Owns every upstream connection task (a `TaskTracker`); `close` ends them,
+//! and the lifecycle calls it only after the downstream connections are gone.
+//! No lock here is held across an `.await`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, UpstreamProtocol};
+use crate::metrics::UpstreamErrorKind;
+
+/// Idle HTTP/1 connections kept for reuse; more are closed when released.
+const MAX_IDLE_HTTP1: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the upstream {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connecting to the upstream {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error("the upstream sent no response headers within {0:?}")]
+    Timeout(Duration),
+    #[error("the upstream closed the connection: {0}")]
+    Closed(hyper::Error),
+    #[error("the upstream sent an invalid response: {0}")]
+    Protocol(hyper::Error),
+}
+
+impl UpstreamError {
+    pub fn kind(&self) -> UpstreamErrorKind {
+        match self {
+            UpstreamError::Connect { .. } => UpstreamErrorKind::Connect,
+            UpstreamError::ConnectTimeout { .. } => UpstreamErrorKind::ConnectTimeout,
+            UpstreamError::Timeout(_) => UpstreamErrorKind::Timeout,
+            UpstreamError::Closed(_) => UpstreamErrorKind::Closed,
+            UpstreamError::Protocol(_) => UpstreamErrorKind::Protocol,
+        }
+    }
+
+    /// 504 when the app was too slow, 502 when it failed.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::ConnectTimeout { .. } | UpstreamError::Timeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The short body the client gets (no internal detail beyond the cause).
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "upstream refused the connection\n",
+            UpstreamError::ConnectTimeout { .. } => "upstream connect timed out\n",
+            UpstreamError::Timeout(_) => "upstream response timed out\n",
+            UpstreamError::Closed(_) => "upstream closed the connection\n",
+            UpstreamError::Protocol(_) => "upstream sent an invalid response\n",
+        }
+    }
+
+    fn from_hyper(error: hyper::Error) -> Self {
+        if error.is_parse() || error.is_parse_status() || error.is_parse_too_large() {
+            UpstreamError::Protocol(error)
+        } else {
+            UpstreamError::Closed(error)
+        }
+    }
+}
+
+/// A checked-out HTTP/1 connection; `release` it once the response body has
+/// been read to the end, or drop it to close the connection.
+pub struct PooledConn {
+    sender: http1::SendRequest<Incoming>,
+    pool: Arc<Inner>,
+}
+
+impl PooledConn {
+    pub fn release(self) {
+        let pool = self.pool;
+        if pool.closing.is_cancelled() || self.sender.is_closed() {
+            return;
+        }
+        let mut idle = pool.idle();
+        if idle.len() < MAX_IDLE_HTTP1 {
+            idle.push(self.sender);
+        }
+    }
+}
+
+struct Inner {
+    addr: SocketAddr,
+    protocol: UpstreamProtocol,
+    connect_timeout: Duration,
+    idle_http1: Mutex<Vec<http1::SendRequest<Incoming>>>,
+    shared_http2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    tasks: TaskTracker,
+    closing: CancellationToken,
+}
+
+impl Inner {
+    fn idle(&self) -> MutexGuard<'_, Vec<http1::SendRequest<Incoming>>> {
+        // A panic while holding this lock leaves a Vec of senders, still valid.
+        self.idle_http1.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Option<http2::SendRequest<Incoming>>> {
+        self.shared_http2.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+    authority: Authority,
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> Self {
+        let authority = Authority::try_from(config.upstream.to_string())
+            .unwrap_or_else(|_| Authority::from_static("localhost"));
+        Upstream {
+            inner: Arc::new(Inner {
+                addr: config.upstream,
+                protocol: config.upstream_protocol,
+                connect_timeout: config.upstream_connect_timeout,
+                idle_http1: Mutex::new(Vec::new()),
+                shared_http2: Mutex::new(None),
+                tasks: TaskTracker::new(),
+                closing: CancellationToken::new(),
+            }),
+            authority,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Used as `Host`/`:authority` when the client sent none.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    pub fn is_http2(&self) -> bool {
+        self.inner.protocol == UpstreamProtocol::Http2
+    }
+
+    /// Opens a TCP connection to the app (also the readiness probe).
+    pub async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
+        let addr = self.inner.addr;
+        let after = self.inner.connect_timeout;
+        let stream = timeout(after, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout { addr, after })?
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        // Small proxied writes must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Sends the request; for HTTP/1 also returns the connection, to release
+    /// once the response body is complete.
+    pub async fn send(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<PooledConn>), UpstreamError> {
+        match self.inner.protocol {
+            UpstreamProtocol::Http1 => self.send_http1(req).await,
+            UpstreamProtocol::Http2 => self.send_http2(req).await.map(|r| (r, None)),
+        }
+    }
+
+    async fn send_http1(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<PooledConn>), UpstreamError> {
+        // A pooled connection can be closed by the app at any moment. When hyper
+        // hands the request back unsent, it is safe to retry on a new one.
+        while let Some(mut sender) = self.checkout_idle().await {
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok((response, Some(self.pooled(sender)))),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(UpstreamError::from_hyper(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect_http1().await?;
+        match sender.try_send_request(req).await {
+            Ok(response) => Ok((response, Some(self.pooled(sender)))),
+            Err(e) => Err(UpstreamError::from_hyper(e.into_error())),
+        }
+    }
+
+    fn pooled(&self, sender: http1::SendRequest<Incoming>) -> PooledConn {
+        PooledConn {
+            sender,
+            pool: self.inner.clone(),
+        }
+    }
+
+    async fn checkout_idle(&self) -> Option<http1::SendRequest<Incoming>> {
+        loop {
+            let mut sender = self.inner.idle().pop()?;
+            if sender.is_closed() {
+                continue;
+            }
+            // A released connection becomes ready once hyper has finished
+            // reading the previous response; a closed one errors here.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let stream = self.connect_tcp().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::from_hyper)?;
+        let closing = self.inner.closing.clone();
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                result = conn.with_upgrades() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "upstream connection ended");
+                    }
+                }
+                () = closing.cancelled() => {}
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_http2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.shared_http2().await?;
+        match sender.try_send_request(req).await {
+            Ok(response) => Ok(response),
+            Err(mut e) => match e.take_message() {
+                // The shared connection went away before the request left: one
+                // retry on a fresh connection.
+                Some(unsent) => {
+                    self.inner.shared().take();
+                    let mut sender = self.shared_http2().await?;
+                    sender
+                        .try_send_request(unsent)
+                        .await
+                        .map_err(|e| UpstreamError::from_hyper(e.into_error()))
+                }
+                None => Err(UpstreamError::from_hyper(e.into_error())),
+            },
+        }
+    }
+
+    async fn shared_http2(&self) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        if let Some(sender) = self.inner.shared().as_ref().filter(|s| !s.is_closed()) {
+            return Ok(sender.clone());
+        }
+        let stream = self.connect_tcp().await?;
+        let addr = self.inner.addr;
+        let after = self.inner.connect_timeout;
+        let (sender, conn) = timeout(
+            after,
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(TokioIo::new(stream)),
+        )
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout { addr, after })?
+        .map_err(UpstreamError::from_hyper)?;
+        let closing = self.inner.closing.clone();
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                result = conn => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "upstream h2 connection ended");
+                    }
+                }
+                () = closing.cancelled() => {}
+            }
+        });
+        *self.inner.shared() = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Closes every upstream connection and waits (bounded) for their tasks.
+    pub async fn close(&self, wait_at_most: Duration) {
+        self.inner.closing.cancel();
+        self.inner.idle().clear();
+        self.inner.shared().take();
+        self.inner.tasks.close();
+        if timeout(wait_at_most, self.inner.tasks.wait()).await.is_err() {
+            tracing::warn!("upstream connections did not close in time");
+        }
+    }
+}
