@@ -12,7 +12,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// lameduck: a sidecar proxy that drains without dropping a request.
 #[derive(Debug, Parser)]
-#[command(name = "lameduck", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "lameduck",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -235,7 +240,9 @@ fn resolve_upstream(name: &str) -> Result<SocketAddr, ConfigError> {
         name: name.to_owned(),
         reason,
     };
-    let mut addrs = name.to_socket_addrs().map_err(|e| unresolvable(e.to_string()))?;
+    let mut addrs = name
+        .to_socket_addrs()
+        .map_err(|e| unresolvable(e.to_string()))?;
     addrs
         .next()
         .ok_or_else(|| unresolvable("no address found".to_owned()))
@@ -249,7 +256,9 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err("empty duration; use e.g. 500ms, 5s, 1m".to_owned());
     }
     if value.bytes().all(|b| b.is_ascii_digit()) && value != "0" {
-        return Err(format!("{value:?} has no unit; use e.g. {value}s or {value}ms"));
+        return Err(format!(
+            "{value:?} has no unit; use e.g. {value}s or {value}ms"
+        ));
     }
     humantime::parse_duration(value)
         .map_err(|e| format!("{value:?} is not a duration ({e}); use e.g. 500ms, 5s, 1m"))

@@ -22,7 +22,11 @@ const MAX_SLOW: Duration = Duration::from_secs(600);
 const MAX_BYTES: usize = 64 * 1024 * 1024;
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    let mut response = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *response.status_mut() = status;
     response
 }
@@ -60,7 +64,10 @@ async fn handle(req: Request<Incoming>) -> Response<Body> {
             full(StatusCode::OK, out)
         }
         (&Method::POST, "/echo") => Response::new(req.into_body().boxed()),
-        _ => full(StatusCode::NOT_FOUND, "try / /slow?ms=3000 /bytes?n=1024 /headers POST /echo\n"),
+        _ => full(
+            StatusCode::NOT_FOUND,
+            "try / /slow?ms=3000 /bytes?n=1024 /headers POST /echo\n",
+        ),
     }
 }
 

@@ -37,7 +37,9 @@ async fn call(
 ) -> Result<(StatusCode, String), DrainClientError> {
     let unreachable = |reason: String| DrainClientError::Unreachable { addr, reason };
     let exchange = async {
-        let stream = TcpStream::connect(addr).await.map_err(|e| unreachable(e.to_string()))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
@@ -48,7 +50,10 @@ async fn call(
             .header("host", addr.to_string())
             .body(Empty::<Bytes>::new())
             .map_err(|e| unreachable(e.to_string()))?;
-        let response = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -81,7 +86,13 @@ pub async fn run(args: DrainArgs) -> Result<String, DrainClientError> {
         return Ok(format!("drain started on {}", args.admin));
     }
     let path = format!("/drained?timeout={}ms", args.timeout.as_millis());
-    let (status, body) = call(args.admin, Method::GET, &path, args.timeout + Duration::from_secs(5)).await?;
+    let (status, body) = call(
+        args.admin,
+        Method::GET,
+        &path,
+        args.timeout + Duration::from_secs(5),
+    )
+    .await?;
     if status != StatusCode::OK {
         return Err(refused(Method::GET, &path, status, body));
     }

@@ -40,7 +40,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => return fail(EXIT_FAILURE, format!("cannot start the async runtime: {e}")),
     };
@@ -60,8 +63,12 @@ fn main() -> ExitCode {
 }
 
 fn configure(args: ProxyArgs) -> Result<(Config, telemetry::LogReloader), ExitCode> {
-    let logs = telemetry::init(args.log_format, args.log_level.as_deref(), args.log_level_file.as_deref())
-        .map_err(|e| fail(EXIT_USAGE, e))?;
+    let logs = telemetry::init(
+        args.log_format,
+        args.log_level.as_deref(),
+        args.log_level_file.as_deref(),
+    )
+    .map_err(|e| fail(EXIT_USAGE, e))?;
     let config = args.into_config().map_err(|e| fail(EXIT_USAGE, e))?;
     Ok((config, logs))
 }
@@ -117,7 +124,12 @@ async fn run_demo(args: ProxyArgs) -> ExitCode {
 async fn run_demo_app(listen: std::net::SocketAddr) -> ExitCode {
     let listener = match TcpListener::bind(listen).await {
         Ok(listener) => listener,
-        Err(e) => return fail(EXIT_FAILURE, format!("cannot listen on --listen {listen}: {e}")),
+        Err(e) => {
+            return fail(
+                EXIT_FAILURE,
+                format!("cannot listen on --listen {listen}: {e}"),
+            );
+        }
     };
     let stop = CancellationToken::new();
     let app = tokio::spawn(demo::serve(listener, stop.clone()));

@@ -17,8 +17,11 @@ use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
 
-/// The content type of [`Metrics::encode`]'s output (prometheus-client writes OpenMetrics).
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// prometheus-client writes OpenMetrics; Prometheus asks for it by `Accept`.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic text format, for everything else (curl, promtool, older scrapers).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Protocol of a downstream connection, the `protocol` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,11 +210,7 @@ impl Metrics {
             ["graceful", "forced"],
         );
         let build_info = Family::<Labels, Gauge>::default();
-        registry.register(
-            "build_info",
-            "Build information",
-            build_info.clone(),
-        );
+        registry.register("build_info", "Build information", build_info.clone());
         build_info
             .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
             .set(1);
@@ -260,13 +259,52 @@ impl Metrics {
         }
     }
 
-    /// The whole registry in the text exposition format.
+    /// The whole registry in OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
     }
+
+    /// Encodes for a scraper's `Accept` header: (content type, body).
+    pub fn encode_for(&self, accept: Option<&str>) -> (&'static str, String) {
+        let openmetrics = self.encode();
+        if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+            (OPENMETRICS_CONTENT_TYPE, openmetrics)
+        } else {
+            (TEXT_CONTENT_TYPE, openmetrics_to_text(&openmetrics))
+        }
+    }
+}
+
+/// Rewrites OpenMetrics text as the classic (0.0.4) format: a counter family
+/// is named with its `_total` suffix in HELP and TYPE, and the OpenMetrics-only
+/// `# EOF` and `# UNIT` lines go. Sample lines are the same in both formats.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 impl Default for Metrics {
@@ -286,9 +324,38 @@ mod tests {
         metrics.request_finished(503, 0.01);
         metrics.upstream_error(UpstreamErrorKind::ConnectTimeout);
         let text = metrics.encode();
-        assert!(text.contains("lameduck_connections_active{protocol=\"http2\"} 1"), "{text}");
-        assert!(text.contains("lameduck_requests_total{code=\"5xx\"} 1"), "{text}");
-        assert!(text.contains("lameduck_upstream_errors_total{kind=\"connect_timeout\"} 1"), "{text}");
+        assert!(
+            text.contains("lameduck_connections_active{protocol=\"http2\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lameduck_requests_total{code=\"5xx\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lameduck_upstream_errors_total{kind=\"connect_timeout\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("lameduck_build_info{version="), "{text}");
+    }
+
+    #[test]
+    fn classic_text_names_counters_with_their_suffix() {
+        let metrics = Metrics::new();
+        let (content_type, text) = metrics.encode_for(Some("text/plain"));
+        assert_eq!(content_type, TEXT_CONTENT_TYPE);
+        assert!(
+            text.contains("# TYPE lameduck_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP lameduck_requests_total Requests"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        let (content_type, text) =
+            metrics.encode_for(Some("application/openmetrics-text; version=1.0.0"));
+        assert_eq!(content_type, OPENMETRICS_CONTENT_TYPE);
+        assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -48,7 +48,11 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
-    pub fn start(listener: TcpListener, lifecycle: Arc<Lifecycle>, events: mpsc::Sender<Event>) -> Self {
+    pub fn start(
+        listener: TcpListener,
+        lifecycle: Arc<Lifecycle>,
+        events: mpsc::Sender<Event>,
+    ) -> Self {
         let state = Arc::new(AdminState {
             lifecycle,
             events,
@@ -56,7 +60,12 @@ impl AdminServer {
         });
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
-        let accept_loop = tokio::spawn(accept(listener, state, shutdown.clone(), connections.clone()));
+        let accept_loop = tokio::spawn(accept(
+            listener,
+            state,
+            shutdown.clone(),
+            connections.clone(),
+        ));
         AdminServer {
             shutdown,
             accept_loop,
@@ -69,7 +78,10 @@ impl AdminServer {
         self.shutdown.cancel();
         let _ = self.accept_loop.await;
         self.connections.close();
-        if timeout(wait_at_most, self.connections.wait()).await.is_err() {
+        if timeout(wait_at_most, self.connections.wait())
+            .await
+            .is_err()
+        {
             tracing::debug!("admin connections still open at exit");
         }
     }
@@ -135,9 +147,10 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -149,7 +162,11 @@ fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-async fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    state: &AdminState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let lifecycle = &state.lifecycle;
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     match req.uri().path() {
@@ -162,18 +179,25 @@ async fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> 
         },
         "/live" if read => text(StatusCode::OK, "alive\n"),
         "/metrics" if read => {
-            let mut response = Response::new(Full::new(Bytes::from(lifecycle.metrics.encode())));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
-            );
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|a| a.to_str().ok());
+            let (content_type, body) = lifecycle.metrics.encode_for(accept);
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             response
         }
         "/status" if read => json(StatusCode::OK, &Status::of(lifecycle)),
         "/drained" if read => drained(state, req.uri().query()).await,
         "/drain" if req.method() == Method::POST => {
             if !peer.ip().to_canonical().is_loopback() {
-                return text(StatusCode::FORBIDDEN, "POST /drain is accepted from loopback only\n");
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "POST /drain is accepted from loopback only\n",
+                );
             }
             // A full queue means a drain request is already waiting: fine.
             let _ = state.events.try_send(Event::DrainRequested);
@@ -181,7 +205,10 @@ async fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> 
         }
         "/drain" => method_not_allowed("POST"),
         "/ready" | "/live" | "/metrics" | "/status" | "/drained" => method_not_allowed("GET, HEAD"),
-        _ => text(StatusCode::NOT_FOUND, "not found; try /ready /live /metrics /status /drained, POST /drain\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /ready /live /metrics /status /drained, POST /drain\n",
+        ),
     }
 }
 
@@ -195,13 +222,19 @@ async fn drained(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes
         Some(value) => match crate::config::parse_duration(value) {
             Ok(wait) => wait.min(MAX_DRAINED_WAIT),
             Err(e) => {
-                return json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": format!("timeout: {e}") }));
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({ "error": format!("timeout: {e}") }),
+                );
             }
         },
         None => DEFAULT_DRAINED_WAIT,
     };
     let Ok(_permit) = state.drained_waiters.try_acquire() else {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "too many /drained waiters\n");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many /drained waiters\n",
+        );
     };
     let mut drained = state.lifecycle.subscribe_drained();
     match timeout(wait, drained.wait_for(Option::is_some)).await {

@@ -96,7 +96,11 @@ pub async fn run(config: Config, logs: LogReloader) -> Result<Outcome, StartErro
     ));
     let accept_loop = tokio::spawn(proxy::serve(proxy_listener, ctx));
     let probe_stop = CancellationToken::new();
-    let probe = tokio::spawn(probe_upstream(upstream.clone(), lifecycle.clone(), probe_stop.clone()));
+    let probe = tokio::spawn(probe_upstream(
+        upstream.clone(),
+        lifecycle.clone(),
+        probe_stop.clone(),
+    ));
 
     let mut driver = Driver {
         config: &config,
@@ -152,11 +156,15 @@ struct Driver<'a> {
 impl Driver<'_> {
     fn reload(&self) {
         match self.logs.reload() {
-            Ok(ReloadOutcome::Applied(filter)) => tracing::info!(%filter, "SIGHUP: log filter reloaded"),
+            Ok(ReloadOutcome::Applied(filter)) => {
+                tracing::info!(%filter, "SIGHUP: log filter reloaded")
+            }
             Ok(ReloadOutcome::NothingToReload) => {
                 tracing::info!("SIGHUP: nothing to reload (no --log-level-file)")
             }
-            Err(e) => tracing::warn!(error = %e, "SIGHUP: reload failed; keeping the current log filter"),
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: reload failed; keeping the current log filter")
+            }
         }
     }
 
@@ -217,7 +225,10 @@ impl Driver<'_> {
             connections_active = lifecycle.connections.active(),
             "lame-duck window over; waiting for connections to finish"
         );
-        match self.until(lifecycle.connections.wait_all_closed(), deadline).await {
+        match self
+            .until(lifecycle.connections.wait_all_closed(), deadline)
+            .await
+        {
             Ok(()) => Outcome::Graceful,
             Err(outcome) => self.force(outcome).await,
         }
@@ -232,7 +243,10 @@ impl Driver<'_> {
             "closing the remaining connections forcibly"
         );
         lifecycle.tokens.force.cancel();
-        if timeout(FORCE_GRACE, lifecycle.connections.wait_all_closed()).await.is_err() {
+        if timeout(FORCE_GRACE, lifecycle.connections.wait_all_closed())
+            .await
+            .is_err()
+        {
             tracing::error!(
                 connections_active = lifecycle.connections.active(),
                 "connections still counted after the forced close"
@@ -274,7 +288,11 @@ async fn probe_upstream(upstream: Upstream, lifecycle: Arc<Lifecycle>, stop: Can
             () = stop.cancelled() => return,
         };
         lifecycle.set_upstream_up(up);
-        let pause = if up { PROBE_INTERVAL_UP } else { PROBE_INTERVAL_DOWN };
+        let pause = if up {
+            PROBE_INTERVAL_UP
+        } else {
+            PROBE_INTERVAL_DOWN
+        };
         tokio::select! {
             () = sleep(pause) => {}
             () = stop.cancelled() => return,

@@ -270,7 +270,11 @@ impl Lifecycle {
             .drain_started_timestamp
             .set(started_unix.as_secs_f64());
         self.tokens.draining.cancel();
-        tracing::info!(state = "draining", from = previous.as_str(), "state changed");
+        tracing::info!(
+            state = "draining",
+            from = previous.as_str(),
+            "state changed"
+        );
         true
     }
 

@@ -187,7 +187,12 @@ impl ConnActivity {
 
     /// Decides what the connection's timer does. `track_heads` is false for
     /// HTTP/2, where bytes arrive all the time (pings, window updates).
-    pub fn verdict(&self, header_timeout: Duration, idle_timeout: Duration, track_heads: bool) -> TimerVerdict {
+    pub fn verdict(
+        &self,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+        track_heads: bool,
+    ) -> TimerVerdict {
         let now = now_ms();
         let header_ms = header_timeout.as_millis() as u64;
         let idle_ms = idle_timeout.as_millis() as u64;
@@ -209,7 +214,11 @@ impl ConnActivity {
         }
         let next = Duration::from_millis(idle_ms - idle_for);
         // A head may start while we sleep; wake in time to enforce its limit.
-        TimerVerdict::CheckAgainIn(if track_heads { next.min(header_timeout) } else { next })
+        TimerVerdict::CheckAgainIn(if track_heads {
+            next.min(header_timeout)
+        } else {
+            next
+        })
     }
 }
 

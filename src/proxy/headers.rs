@@ -115,7 +115,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
         && headers
             .get(header::TE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -192,7 +195,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret, x-request-id"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret, x-request-id"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
@@ -242,7 +248,11 @@ mod tests {
         set_upstream_target(&mut req, false, &fallback).unwrap();
         assert_eq!(req.uri(), "/a?b=1");
         assert_eq!(req.headers()[header::HOST], "example.com");
-        let mut req = Request::builder().uri("/x").header("host", "app").body(()).unwrap();
+        let mut req = Request::builder()
+            .uri("/x")
+            .header("host", "app")
+            .body(())
+            .unwrap();
         set_upstream_target(&mut req, true, &fallback).unwrap();
         assert_eq!(req.uri(), "http://app/x");
     }

@@ -140,13 +140,17 @@ trait Graceful: Future<Output = Result<(), hyper::Error>> {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl Graceful for hyper::server::conn::http1::UpgradeableConnection<TokioIo<ServerIo>, ProxyService> {
+impl Graceful
+    for hyper::server::conn::http1::UpgradeableConnection<TokioIo<ServerIo>, ProxyService>
+{
     fn graceful_shutdown(self: Pin<&mut Self>) {
         hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self)
     }
 }
 
-impl Graceful for hyper::server::conn::http2::Connection<TokioIo<ServerIo>, ProxyService, TokioExecutor> {
+impl Graceful
+    for hyper::server::conn::http2::Connection<TokioIo<ServerIo>, ProxyService, TokioExecutor>
+{
     fn graceful_shutdown(self: Pin<&mut Self>) {
         hyper::server::conn::http2::Connection::graceful_shutdown(self)
     }
@@ -180,7 +184,9 @@ impl ConnShared {
         let request = RequestGuard::start(self.ctx.lifecycle.clone(), self.activity.clone());
         let request_id = headers::ensure_request_id(req.headers_mut(), &self.ctx.ids);
         let span = tracing::debug_span!("request", id = ?request_id, method = %req.method(), path = %req.uri().path());
-        self.forward(req, request, request_id).instrument(span).await
+        self.forward(req, request, request_id)
+            .instrument(span)
+            .await
     }
 
     async fn forward(
@@ -205,8 +211,15 @@ impl ConnShared {
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             }
             headers::add_forwarded(req.headers_mut(), self.peer.ip());
-            if headers::set_upstream_target(&mut req, upstream.is_http2(), upstream.authority()).is_err() {
-                return self.local_response(StatusCode::BAD_REQUEST, "invalid request target\n", request, request_id);
+            if headers::set_upstream_target(&mut req, upstream.is_http2(), upstream.authority())
+                .is_err()
+            {
+                return self.local_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid request target\n",
+                    request,
+                    request_id,
+                );
             }
             let limit = ctx.config.upstream_timeout;
             let sent = match timeout(limit, upstream.send(req)).await {
@@ -220,11 +233,18 @@ impl ConnShared {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(client_upgrade) = client_upgrade {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
-                    ctx.tasks.spawn(tunnel(client_upgrade, upstream_upgrade, self.guard.clone(), ctx.clone()));
+                    ctx.tasks.spawn(tunnel(
+                        client_upgrade,
+                        upstream_upgrade,
+                        self.guard.clone(),
+                        ctx.clone(),
+                    ));
                 }
                 // The upstream connection now belongs to the tunnel: never pool it.
                 drop(pooled);
-                response.headers_mut().insert(headers::X_REQUEST_ID.clone(), request_id);
+                response
+                    .headers_mut()
+                    .insert(headers::X_REQUEST_ID.clone(), request_id);
                 let mut request = request;
                 request.set_status(101);
                 return response.map(|body| ProxyBody::upstream(body, None, request));

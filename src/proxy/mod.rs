@@ -46,7 +46,12 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
-    pub fn new(config: Config, lifecycle: Arc<Lifecycle>, upstream: Upstream, tasks: TaskTracker) -> Self {
+    pub fn new(
+        config: Config,
+        lifecycle: Arc<Lifecycle>,
+        upstream: Upstream,
+        tasks: TaskTracker,
+    ) -> Self {
         let mut http1 = http1::Builder::new();
         // lameduck enforces the header-read timeout itself (see ConnActivity):
         // hyper's timer would also run while a keep-alive connection is idle.
@@ -95,14 +100,20 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
 }
 
 fn spawn_connection(ctx: &Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr) {
-    let Some(guard) = ConnectionGuard::try_open(&ctx.lifecycle, ctx.config.max_connections as usize) else {
+    let Some(guard) =
+        ConnectionGuard::try_open(&ctx.lifecycle, ctx.config.max_connections as usize)
+    else {
         tracing::debug!(%peer, "connection refused: --max-connections reached");
         return;
     };
     let _ = stream.set_nodelay(true);
     match ctx.config.mode {
-        Mode::Http => ctx.tasks.spawn(http::serve_connection(stream, peer, guard, ctx.clone())),
-        Mode::Tcp => ctx.tasks.spawn(tcp::serve_stream(stream, guard, ctx.clone())),
+        Mode::Http => ctx
+            .tasks
+            .spawn(http::serve_connection(stream, peer, guard, ctx.clone())),
+        Mode::Tcp => ctx
+            .tasks
+            .spawn(tcp::serve_stream(stream, guard, ctx.clone())),
     };
 }
 

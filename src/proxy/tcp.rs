@@ -11,7 +11,11 @@ use super::guard::ConnectionGuard;
 use super::upstream::UpstreamError;
 use crate::metrics::Protocol;
 
-pub async fn serve_stream(mut client: TcpStream, mut guard: ConnectionGuard, ctx: Arc<ProxyContext>) {
+pub async fn serve_stream(
+    mut client: TcpStream,
+    mut guard: ConnectionGuard,
+    ctx: Arc<ProxyContext>,
+) {
     guard.set_protocol(Protocol::Tcp);
     let force = &ctx.lifecycle.tokens.force;
     let connected = tokio::select! {

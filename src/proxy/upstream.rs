@@ -248,7 +248,10 @@ impl Upstream {
         Ok(sender)
     }
 
-    async fn send_http2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_http2(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let mut sender = self.shared_http2().await?;
         match sender.try_send_request(req).await {
             Ok(response) => Ok(response),
@@ -305,7 +308,10 @@ impl Upstream {
         self.inner.idle().clear();
         self.inner.shared().take();
         self.inner.tasks.close();
-        if timeout(wait_at_most, self.inner.tasks.wait()).await.is_err() {
+        if timeout(wait_at_most, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("upstream connections did not close in time");
         }
     }
