@@ -318,4 +318,43 @@ mod tests {
         let err = cli.proxy.into_config().unwrap_err().to_string();
         assert!(err.contains("--drain-timeout"), "{err}");
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn duration_parsing_never_panics(input in "\\PC{0,40}") {
+                let _ = parse_duration(&input);
+            }
+
+            #[test]
+            fn durations_round_trip(ms in 0u64..10_000_000_000) {
+                let d = Duration::from_millis(ms);
+                let text = humantime::format_duration(d).to_string();
+                prop_assert_eq!(parse_duration(&text), Ok(d));
+            }
+
+            #[test]
+            fn address_parsing_never_panics(input in "\\PC{0,60}") {
+                let _ = parse_socket_addr(&input);
+                let _ = parse_upstream(&input);
+            }
+
+            #[test]
+            fn addresses_round_trip(addr in any::<SocketAddr>()) {
+                // Display drops an IPv6 flowinfo, so compare what a user can write.
+                let text = addr.to_string();
+                prop_assert_eq!(parse_socket_addr(&text).map(|a| a.to_string()), Ok(text));
+                prop_assert!(parse_upstream(&addr.to_string()).is_ok());
+            }
+
+            #[test]
+            fn upstream_names_with_ports_are_accepted(host in "[a-z][a-z0-9-]{0,20}(\\.[a-z][a-z0-9-]{0,10}){0,3}", port in any::<u16>()) {
+                let value = format!("{host}:{port}");
+                prop_assert_eq!(parse_upstream(&value), Ok(value.clone()));
+            }
+        }
+    }
 }

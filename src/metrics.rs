@@ -358,4 +358,21 @@ mod tests {
         assert_eq!(content_type, OPENMETRICS_CONTENT_TYPE);
         assert!(text.ends_with("# EOF\n"));
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn classic_text_keeps_every_sample(lines in proptest::collection::vec("(# (TYPE|HELP|UNIT) [a-z_]{1,8} [a-z ]{0,10}|# EOF|[a-z_]{1,8}(\\{[a-z]=\"[a-z]\"\\})? [0-9]{1,4})", 0..30)) {
+                let input = lines.join("\n");
+                let output = openmetrics_to_text(&input);
+                prop_assert!(!output.lines().any(|l| l == "# EOF" || l.starts_with("# UNIT ")));
+                for line in input.lines().filter(|l| !l.starts_with('#')) {
+                    prop_assert!(output.lines().any(|o| o == line), "{line} lost");
+                }
+            }
+        }
+    }
 }

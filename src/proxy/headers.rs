@@ -256,4 +256,83 @@ mod tests {
         set_upstream_target(&mut req, true, &fallback).unwrap();
         assert_eq!(req.uri(), "http://app/x");
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn header_map(pairs: Vec<(String, Vec<u8>)>) -> HeaderMap {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_bytes(&value),
+                ) {
+                    map.append(name, value);
+                }
+            }
+            map
+        }
+
+        fn headers() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
+            let name = prop_oneof![
+                Just("connection".to_owned()),
+                Just("keep-alive".to_owned()),
+                Just("te".to_owned()),
+                Just("upgrade".to_owned()),
+                Just("x-forwarded-for".to_owned()),
+                Just("x-request-id".to_owned()),
+                "[a-z-]{1,12}",
+            ];
+            let value = prop_oneof![
+                "[ -~]{0,40}".prop_map(String::into_bytes),
+                proptest::collection::vec(any::<u8>(), 0..40),
+            ];
+            proptest::collection::vec((name, value), 0..12)
+        }
+
+        proptest! {
+            #[test]
+            fn hop_by_hop_headers_never_survive(pairs in headers(), keep_te in any::<bool>()) {
+                let mut map = header_map(pairs);
+                strip_hop_by_hop(&mut map, keep_te);
+                for name in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "trailer", "upgrade"] {
+                    prop_assert!(!map.contains_key(name), "{name} survived");
+                }
+                if let Some(te) = map.get(header::TE) {
+                    prop_assert!(keep_te && te == "trailers");
+                }
+            }
+
+            #[test]
+            fn forwarded_for_always_ends_with_the_peer(pairs in headers(), peer in any::<IpAddr>()) {
+                let mut map = header_map(pairs);
+                add_forwarded(&mut map, peer);
+                let xff = map.get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                prop_assert!(xff.ends_with(&peer.to_string()), "{xff}");
+                prop_assert!(map.contains_key("x-forwarded-proto"));
+            }
+
+            #[test]
+            fn every_request_gets_a_bounded_id(pairs in headers()) {
+                let ids = RequestIds::new();
+                let mut map = header_map(pairs);
+                let id = ensure_request_id(&mut map, &ids);
+                prop_assert!(!id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN);
+                prop_assert_eq!(map.get(&X_REQUEST_ID), Some(&id));
+            }
+
+            #[test]
+            fn upstream_targets_are_well_formed(path in "/[!-~]{0,40}", host in proptest::option::of("[ -~]{0,30}"), h2 in any::<bool>()) {
+                let fallback = Authority::from_static("127.0.0.1:8080");
+                let Ok(mut req) = Request::builder().uri(path.as_str()).body(()) else { return Ok(()) };
+                if let Some(host) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+                    req.headers_mut().insert(header::HOST, host);
+                }
+                if set_upstream_target(&mut req, h2, &fallback).is_ok() {
+                    prop_assert_eq!(req.uri().authority().is_some(), h2);
+                }
+            }
+        }
+    }
 }
