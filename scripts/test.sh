@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, runnable on a fresh Debian/Ubuntu machine with Rust:
+# installs the real components the tests drive (HAProxy, Prometheus and
+# promtool) when they are missing, then runs every test target.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+# Debian's prometheus package ships promtool too.
+{ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing test dependencies: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+
+cargo test --locked --all-targets "$@"
