@@ -20,18 +20,18 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::ProxyContext;
 use super::body::ProxyBody;
 use super::guard::{ConnActivity, ConnectionGuard, GaugeGuard, RequestGuard, TimerVerdict};
 use super::headers;
 use super::io::{ServerIo, sniff};
 use super::upstream::UpstreamError;
+use super::{ProxyContext, TrackedExecutor};
 use crate::metrics::Protocol;
 
 pub async fn serve_connection(
@@ -149,7 +149,7 @@ impl Graceful
 }
 
 impl Graceful
-    for hyper::server::conn::http2::Connection<TokioIo<ServerIo>, ProxyService, TokioExecutor>
+    for hyper::server::conn::http2::Connection<TokioIo<ServerIo>, ProxyService, TrackedExecutor>
 {
     fn graceful_shutdown(self: Pin<&mut Self>) {
         hyper::server::conn::http2::Connection::graceful_shutdown(self)

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_util::task::TaskTracker;
@@ -42,7 +42,22 @@ pub struct ProxyContext {
     /// Owns connection and tunnel tasks.
     pub tasks: TaskTracker,
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<TrackedExecutor>,
+}
+
+/// hyper's executor for HTTP/2 stream tasks: spawns them on a `TaskTracker`,
+/// so they have an owner that waits for them instead of being detached.
+#[derive(Clone)]
+pub struct TrackedExecutor(pub TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.0.spawn(future);
+    }
 }
 
 impl ProxyContext {
@@ -59,7 +74,7 @@ impl ProxyContext {
             .header_read_timeout(None)
             .max_header_size(MAX_HEADER_BYTES)
             .timer(TokioTimer::new());
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        let mut http2 = http2::Builder::new(TrackedExecutor(tasks.clone()));
         http2.timer(TokioTimer::new());
         ProxyContext {
             lifecycle,

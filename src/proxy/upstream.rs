@@ -15,7 +15,7 @@ use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -280,7 +280,7 @@ impl Upstream {
         let after = self.inner.connect_timeout;
         let (sender, conn) = timeout(
             after,
-            http2::Builder::new(TokioExecutor::new())
+            http2::Builder::new(super::TrackedExecutor(self.inner.tasks.clone()))
                 .timer(TokioTimer::new())
                 .handshake(TokioIo::new(stream)),
         )
