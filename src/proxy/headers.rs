@@ -130,15 +130,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     headers.remove(header::UPGRADE);
 }
 
+/// The peer address as a header value; made once per connection.
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    // An IP address's text form is always a valid header value.
+    HeaderValue::from_str(&peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 /// Appends the peer to `x-forwarded-for`; sets `x-forwarded-proto` unless an
 /// earlier proxy (e.g. a TLS-terminating ingress) already did.
-pub fn add_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
-    let peer = peer.to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer}"),
-        _ => peer,
+pub fn add_forwarded(headers: &mut HeaderMap, peer: &HeaderValue) {
+    // A list that is not plain text is not a list of addresses: replace it.
+    let appended = match headers.get(&X_FORWARDED_FOR).filter(|v| v.to_str().is_ok()) {
+        Some(existing) if !existing.as_bytes().trim_ascii().is_empty() => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + peer.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(peer.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        _ => Some(peer.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    if let Some(value) = appended {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -219,7 +231,7 @@ mod tests {
     fn forwarded_for_is_appended() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        add_forwarded(&mut h, "127.0.0.1".parse().unwrap());
+        add_forwarded(&mut h, &peer_value("127.0.0.1".parse().unwrap()));
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
     }
@@ -307,7 +319,7 @@ mod tests {
             #[test]
             fn forwarded_for_always_ends_with_the_peer(pairs in headers(), peer in any::<IpAddr>()) {
                 let mut map = header_map(pairs);
-                add_forwarded(&mut map, peer);
+                add_forwarded(&mut map, &peer_value(peer));
                 let xff = map.get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or_default();
                 prop_assert!(xff.ends_with(&peer.to_string()), "{xff}");
                 prop_assert!(map.contains_key("x-forwarded-proto"));

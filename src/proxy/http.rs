@@ -63,7 +63,7 @@ pub async fn serve_connection(
     let guard = Arc::new(guard);
     let service = ProxyService(Arc::new(ConnShared {
         ctx: ctx.clone(),
-        peer,
+        peer_value: headers::peer_value(peer.ip()),
         guard: guard.clone(),
         activity: activity.clone(),
         downstream_h2: protocol == Protocol::Http2,
@@ -159,7 +159,8 @@ impl Graceful
 /// What every request on one connection shares.
 struct ConnShared {
     ctx: Arc<ProxyContext>,
-    peer: SocketAddr,
+    /// The peer's IP as a header value, for `x-forwarded-for`.
+    peer_value: HeaderValue,
     guard: Arc<ConnectionGuard>,
     activity: Arc<ConnActivity>,
     downstream_h2: bool,
@@ -210,7 +211,7 @@ impl ConnShared {
                 req.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             }
-            headers::add_forwarded(req.headers_mut(), self.peer.ip());
+            headers::add_forwarded(req.headers_mut(), &self.peer_value);
             if headers::set_upstream_target(&mut req, upstream.is_http2(), upstream.authority())
                 .is_err()
             {
