@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh Debian/Ubuntu machine with Rust:
 # installs the real components the tests drive (HAProxy, Prometheus and
-# promtool) when they are missing, then runs every test target.
+# promtool) when they are missing, then runs every test target and validates
+# the Helm chart and manifests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,3 +20,8 @@ fi
 export PATH="$PATH:/usr/sbin"
 
 cargo test --locked --all-targets "$@"
+
+# The Kubernetes material: chart lint/render, manifest validation against the
+# API types, and a replay of the rendered pod's deletion against the binary
+# just built. Builds helm from the Go module proxy once (cached).
+LAMEDUCK_BIN="$PWD/target/debug/lameduck" bash deploy/validate.sh

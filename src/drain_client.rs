@@ -79,7 +79,8 @@ pub async fn run(args: DrainArgs) -> Result<String, DrainClientError> {
         body,
     };
     let (status, body) = call(args.admin, Method::POST, "/drain", Duration::from_secs(5)).await?;
-    if status != StatusCode::ACCEPTED {
+    // 200: it had already drained; --wait then returns its summary at once.
+    if status != StatusCode::ACCEPTED && status != StatusCode::OK {
         return Err(refused(Method::POST, "/drain", status, body));
     }
     if !args.wait {

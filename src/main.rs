@@ -133,7 +133,18 @@ async fn run_demo_app(listen: std::net::SocketAddr) -> ExitCode {
     };
     let stop = CancellationToken::new();
     let app = tokio::spawn(demo::serve(listener, stop.clone()));
-    let _ = tokio::signal::ctrl_c().await;
+    // SIGTERM (a container stop) and SIGINT both end it; open requests finish.
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
     stop.cancel();
     let _ = app.await;
     ExitCode::SUCCESS

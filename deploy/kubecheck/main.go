@@ -1,20 +1,32 @@
 // Command kubecheck validates lameduck's Kubernetes manifests without a cluster.
 //
-//	kubecheck [-mode native|regular|any] FILE|- ...
+//	kubecheck [-mode native|regular|any] [-rehearse LAMEDUCK_BIN] FILE|- ...
 //
 // Every YAML document is decoded strictly (unknown or duplicated fields and
 // wrong types are errors) into the real API types: k8s.io/api for Deployment
-// and Service, the Prometheus Operator's types for PodMonitor. Then the
+// and Service, the Prometheus Operator's types for PodMonitor. Deployments and
+// Services then go through the API server's own create-time validation
+// (k8s.io/kubernetes/pkg/apis/.../validation, after the same defaulting and
+// conversion to the internal types), and its warnings are printed; pod
+// templates are also held to the Pod Security Standards' "restricted" level
+// (k8s.io/pod-security-admission, the PodSecurity admission plugin's checks). Then the
 // lameduck wiring is checked: the sidecar's flags, ports, probes and drain
 // hooks, the app's preStop on /drained, the grace period against
 // --drain-timeout, the hardening, and that the Service and PodMonitor select
 // the pods and point at lameduck's ports.
 //
-// It is not the API server's validation (no defaulting, no admission): a
-// manifest can pass here and still be refused by a cluster's policies.
+// With -rehearse, each Deployment's pod deletion is also replayed against a
+// real lameduck binary on loopback (see rehearse.go): the rendered arguments,
+// the drain trigger of the mode and the app's GET /drained hook.
+//
+// Not covered: admission beyond Pod Security (webhooks, quotas, limit ranges) and
+// anything that depends on the cluster (its version, feature gates other
+// than the defaults of k8s.io/kubernetes v1.37, installed CRDs): a manifest
+// can pass here and still be refused by a particular cluster.
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -33,6 +45,17 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/validation/field"
+	"k8s.io/kubernetes/pkg/api/legacyscheme"
+	podutil "k8s.io/kubernetes/pkg/api/pod"
+	"k8s.io/kubernetes/pkg/apis/apps"
+	_ "k8s.io/kubernetes/pkg/apis/apps/install"
+	appsvalidation "k8s.io/kubernetes/pkg/apis/apps/validation"
+	"k8s.io/kubernetes/pkg/apis/core"
+	_ "k8s.io/kubernetes/pkg/apis/core/install"
+	corevalidation "k8s.io/kubernetes/pkg/apis/core/validation"
+	psaapi "k8s.io/pod-security-admission/api"
+	psapolicy "k8s.io/pod-security-admission/policy"
 	"sigs.k8s.io/yaml"
 )
 
@@ -42,6 +65,7 @@ type checker struct {
 	mode     string
 	problems []string
 	notes    []string
+	warnings []string
 }
 
 func (c *checker) fail(format string, args ...any) {
@@ -50,9 +74,10 @@ func (c *checker) fail(format string, args ...any) {
 
 func main() {
 	mode := flag.String("mode", "any", "expected sidecar mode: native, regular or any")
+	rehearseBin := flag.String("rehearse", "", "path to a lameduck binary: also replay each Deployment's pod deletion against it, on loopback")
 	flag.Parse()
 	if flag.NArg() == 0 {
-		fmt.Fprintln(os.Stderr, "usage: kubecheck [-mode native|regular|any] FILE|- ...")
+		fmt.Fprintln(os.Stderr, "usage: kubecheck [-mode native|regular|any] [-rehearse LAMEDUCK_BIN] FILE|- ...")
 		os.Exit(2)
 	}
 	if *mode != "native" && *mode != "regular" && *mode != "any" {
@@ -91,9 +116,14 @@ func main() {
 		c.fail("no Deployment, Service or PodMonitor found")
 	}
 	for _, d := range deps {
+		c.apiValidateDeployment(d)
 		c.checkDeployment(d)
+		if *rehearseBin != "" {
+			c.rehearse(*rehearseBin, d)
+		}
 	}
 	for _, s := range svcs {
+		c.apiValidateService(s)
 		c.checkService(s, deps)
 	}
 	for _, p := range pms {
@@ -101,6 +131,9 @@ func main() {
 	}
 	for _, n := range c.notes {
 		fmt.Println("ok:", n)
+	}
+	for _, w := range c.warnings {
+		fmt.Println("warning:", w)
 	}
 	for _, p := range c.problems {
 		fmt.Println("FAIL:", p)
@@ -628,4 +661,73 @@ func metaSelector(ls *metav1.LabelSelector) (labels.Selector, error) {
 		return nil, errors.New("missing")
 	}
 	return metav1.LabelSelectorAsSelector(ls)
+}
+
+// apiValidateDeployment runs what the API server runs on create: defaulting,
+// conversion to the internal type, apps validation (which includes the pod
+// template's), plus the pod-template warnings it would return.
+func (c *checker) apiValidateDeployment(d *appsv1.Deployment) {
+	where := "Deployment/" + d.Name
+	obj := d.DeepCopy()
+	if obj.Namespace == "" {
+		obj.Namespace = "default" // as if applied to a namespace
+	}
+	legacyscheme.Scheme.Default(obj)
+	var in apps.Deployment
+	if err := legacyscheme.Scheme.Convert(obj, &in, nil); err != nil {
+		c.fail("%s: conversion to the internal type: %v", where, err)
+		return
+	}
+	opts := podutil.GetValidationOptionsFromPodTemplate(&in.Spec.Template, nil)
+	errs := appsvalidation.ValidateDeployment(&in, opts)
+	c.apiErrors(where, errs)
+	for _, w := range podutil.GetWarningsForPodTemplate(context.Background(), field.NewPath("spec", "template"), &in.Spec.Template, nil) {
+		c.warnings = append(c.warnings, where+": "+w)
+	}
+	if len(errs) == 0 {
+		c.notes = append(c.notes, where+": passes the API server's create validation (k8s.io/kubernetes v1.37)")
+	}
+	c.podSecurity(where, &obj.Spec.Template.ObjectMeta, &obj.Spec.Template.Spec)
+}
+
+// podSecurity evaluates the pod template against the Pod Security Standards'
+// "restricted" level, with the checks the PodSecurity admission plugin runs.
+func (c *checker) podSecurity(where string, meta *metav1.ObjectMeta, spec *corev1.PodSpec) {
+	ev, err := psapolicy.NewEvaluator(psapolicy.DefaultChecks(), nil)
+	if err != nil {
+		c.fail("%s: pod security evaluator: %v", where, err)
+		return
+	}
+	lv := psaapi.LevelVersion{Level: psaapi.LevelRestricted, Version: psaapi.LatestVersion()}
+	res := psapolicy.AggregateCheckResults(ev.EvaluatePod(lv, meta, spec))
+	if !res.Allowed {
+		c.fail("%s: violates Pod Security %q: %s", where, psaapi.LevelRestricted, res.ForbiddenReason())
+		return
+	}
+	c.notes = append(c.notes, where+": pod template meets the Pod Security Standards' \"restricted\" level")
+}
+
+func (c *checker) apiValidateService(s *corev1.Service) {
+	where := "Service/" + s.Name
+	obj := s.DeepCopy()
+	if obj.Namespace == "" {
+		obj.Namespace = "default"
+	}
+	legacyscheme.Scheme.Default(obj)
+	var in core.Service
+	if err := legacyscheme.Scheme.Convert(obj, &in, nil); err != nil {
+		c.fail("%s: conversion to the internal type: %v", where, err)
+		return
+	}
+	errs := corevalidation.ValidateServiceCreate(&in)
+	c.apiErrors(where, errs)
+	if len(errs) == 0 {
+		c.notes = append(c.notes, where+": passes the API server's create validation (k8s.io/kubernetes v1.37)")
+	}
+}
+
+func (c *checker) apiErrors(where string, errs field.ErrorList) {
+	for _, e := range errs {
+		c.fail("%s: API validation: %v", where, e)
+	}
 }

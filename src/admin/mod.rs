@@ -25,7 +25,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::lifecycle::{Event, Lifecycle};
+use crate::lifecycle::{Event, Lifecycle, State};
 
 /// Admin connections served at once; more are closed at accept.
 const MAX_ADMIN_CONNECTIONS: usize = 128;
@@ -199,9 +199,15 @@ async fn route(
                     "POST /drain is accepted from loopback only\n",
                 );
             }
-            // A full queue means a drain request is already waiting: fine.
-            let _ = state.events.try_send(Event::DrainRequested);
-            text(StatusCode::ACCEPTED, "draining\n")
+            match lifecycle.state() {
+                State::Draining => text(StatusCode::ACCEPTED, "already draining\n"),
+                State::Drained => text(StatusCode::OK, "already drained\n"),
+                _ => {
+                    // A full queue means a drain request is already waiting: fine.
+                    let _ = state.events.try_send(Event::DrainRequested);
+                    text(StatusCode::ACCEPTED, "draining\n")
+                }
+            }
         }
         "/drain" => method_not_allowed("POST"),
         "/ready" | "/live" | "/metrics" | "/status" | "/drained" => method_not_allowed("GET, HEAD"),
