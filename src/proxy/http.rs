@@ -3,7 +3,9 @@
 //! that forwards each request to the app.
 //!
 //! Drain semantics per connection kind:
-//! - HTTP/2: GOAWAY as soon as the drain starts; streams in flight finish.
+//! - HTTP/2: GOAWAY as soon as the drain starts, to every connection that has
+//!   carried a request (others get it after their first request, or when the
+//!   window ends); streams in flight finish.
 //! - HTTP/1: while draining every response carries `Connection: close`; idle
 //!   keep-alive connections are closed only when the window ends (closing them
 //!   earlier races with a client reusing one).
@@ -23,7 +25,6 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout};
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::body::ProxyBody;
@@ -32,6 +33,7 @@ use super::headers;
 use super::io::{ServerIo, sniff};
 use super::upstream::UpstreamError;
 use super::{ProxyContext, TrackedExecutor};
+use crate::lifecycle::DrainTokens;
 use crate::metrics::Protocol;
 
 pub async fn serve_connection(
@@ -72,28 +74,55 @@ pub async fn serve_connection(
     match protocol {
         Protocol::Http2 => {
             let conn = ctx.http2.serve_connection(io, service);
-            // GOAWAY at t0: the client opens its next connection elsewhere.
-            drive(conn, &ctx, &guard, &activity, false, &tokens.draining).await;
+            let goaway_due = h2_goaway_due(tokens, &activity);
+            drive(conn, &ctx, &guard, &activity, false, goaway_due).await;
         }
         _ => {
             let conn = ctx.http1.serve_connection(io, service).with_upgrades();
-            drive(conn, &ctx, &guard, &activity, true, &tokens.stop_accepting).await;
+            // Busy HTTP/1 connections close through `Connection: close`; the
+            // idle ones are left alone until the window ends.
+            drive(
+                conn,
+                &ctx,
+                &guard,
+                &activity,
+                true,
+                tokens.stop_accepting.cancelled(),
+            )
+            .await;
         }
     }
 }
 
-/// Runs a connection to its end: graceful shutdown on `shutdown`, dropped on
-/// `force`, and cut by its own header-read and idle timers.
+/// When an HTTP/2 connection gets its GOAWAY: from the start of the drain, as
+/// soon as it carries a request; at the end of the window if it never does.
+///
+/// Never before its first request: a client (a load balancer that picked this
+/// replica a moment before it saw /ready fail) that receives GOAWAY right after
+/// the handshake may not use the connection at all, and its retry may find
+/// the listener closed. Once a request has arrived, hyper's two-phase GOAWAY
+/// (RFC 9113 §6.8) still processes every stream sent before the client saw it.
+async fn h2_goaway_due(tokens: &DrainTokens, activity: &ConnActivity) {
+    tokens.draining.cancelled().await;
+    tokio::select! {
+        () = activity.first_request() => {}
+        () = tokens.stop_accepting.cancelled() => {}
+    }
+}
+
+/// Runs a connection to its end: graceful shutdown once `shutdown` resolves,
+/// dropped on `force`, and cut by its own header-read and idle timers.
 async fn drive<C>(
     conn: C,
     ctx: &ProxyContext,
     guard: &ConnectionGuard,
     activity: &ConnActivity,
     track_heads: bool,
-    shutdown: &CancellationToken,
+    shutdown: impl Future<Output = ()>,
 ) where
     C: Graceful,
 {
+    let mut shutdown = std::pin::pin!(shutdown);
     let (header_timeout, idle_timeout) = (ctx.config.header_read_timeout, ctx.config.idle_timeout);
     let mut conn = std::pin::pin!(conn);
     let timer = sleep(header_timeout.min(idle_timeout));
@@ -107,7 +136,7 @@ async fn drive<C>(
                 }
                 return;
             }
-            () = shutdown.cancelled(), if !shutting_down => {
+            () = &mut shutdown, if !shutting_down => {
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
