@@ -6,6 +6,7 @@
 //! 3 drain deadline reached, connections closed forcibly;
 //! 4 a second signal forced the exit.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -48,8 +49,8 @@ fn main() -> ExitCode {
         Err(e) => return fail(EXIT_FAILURE, format!("cannot start the async runtime: {e}")),
     };
     match cli.command {
-        None => runtime.block_on(run_proxy(cli.proxy, None)),
-        Some(Command::Run(args)) => runtime.block_on(run_proxy(args, None)),
+        None => runtime.block_on(run_proxy(cli.proxy, None, |_| {})),
+        Some(Command::Run(args)) => runtime.block_on(run_proxy(args, None, |_| {})),
         Some(Command::Demo(args)) => runtime.block_on(run_demo(args)),
         Some(Command::DemoApp(args)) => runtime.block_on(run_demo_app(args.listen)),
         Some(Command::Drain(args)) => match runtime.block_on(drain_client::run(args)) {
@@ -73,7 +74,12 @@ fn configure(args: ProxyArgs) -> Result<(Config, telemetry::LogReloader), ExitCo
     Ok((config, logs))
 }
 
-async fn run_proxy(args: ProxyArgs, upstream_override: Option<std::net::SocketAddr>) -> ExitCode {
+/// `before_serving` sees the bound addresses before the lifecycle starts.
+async fn run_proxy(
+    args: ProxyArgs,
+    upstream_override: Option<SocketAddr>,
+    before_serving: impl FnOnce(&lifecycle::Bound),
+) -> ExitCode {
     let (mut config, logs) = match configure(args) {
         Ok(configured) => configured,
         Err(code) => return code,
@@ -82,13 +88,14 @@ async fn run_proxy(args: ProxyArgs, upstream_override: Option<std::net::SocketAd
         config.upstream = upstream;
         config.upstream_name = upstream.to_string();
     }
-    match lifecycle::run(config, logs).await {
-        Ok(outcome) => {
-            tracing::info!(exit_code = outcome.exit_code(), "exiting");
-            ExitCode::from(outcome.exit_code())
-        }
-        Err(e) => fail(EXIT_FAILURE, e),
-    }
+    let bound = match lifecycle::bind_all(&config) {
+        Ok(bound) => bound,
+        Err(e) => return fail(EXIT_FAILURE, e),
+    };
+    before_serving(&bound);
+    let outcome = lifecycle::run(config, bound, logs).await;
+    tracing::info!(exit_code = outcome.exit_code(), "exiting");
+    ExitCode::from(outcome.exit_code())
 }
 
 async fn run_demo(args: ProxyArgs) -> ExitCode {
@@ -100,28 +107,30 @@ async fn run_demo(args: ProxyArgs) -> ExitCode {
         Ok(addr) => addr,
         Err(e) => return fail(EXIT_FAILURE, format!("cannot start the demo app: {e}")),
     };
-    let proxy = loopback_for(args.listen);
-    let admin = loopback_for(args.admin_listen);
-    println!(
-        "lameduck demo: app on {app_addr}, proxy on {proxy}, admin on {admin}, pid {pid}\n\
-         try, in another terminal:\n\
-         \x20 curl -i http://{proxy}/\n\
-         \x20 curl -i http://{admin}/ready\n\
-         \x20 curl -s http://{admin}/metrics | grep lameduck_\n\
-         \x20 curl -s http://{proxy}/slow?ms=8000 & sleep 1; kill -TERM {pid}   # the slow request still completes\n\
-         \x20 curl -s http://{admin}/status\n",
-        pid = std::process::id()
-    );
     // The app outlives the proxy: it stops only after the drain is over.
     let stop_app = CancellationToken::new();
     let app_task = tokio::spawn(demo::serve(app, stop_app.clone()));
-    let code = run_proxy(args, Some(app_addr)).await;
+    let code = run_proxy(args, Some(app_addr), |bound| {
+        let proxy = loopback_for(bound.proxy_addr);
+        let admin = loopback_for(bound.admin_addr);
+        println!(
+            "lameduck demo: app on {app_addr}, proxy on {proxy}, admin on {admin}, pid {pid}\n\
+             try, in another terminal:\n\
+             \x20 curl -i http://{proxy}/\n\
+             \x20 curl -i http://{admin}/ready\n\
+             \x20 curl -s http://{admin}/metrics | grep lameduck_\n\
+             \x20 curl -s 'http://{proxy}/slow?ms=8000' & sleep 1; kill -TERM {pid}   # the slow request still completes\n\
+             \x20 curl -s http://{admin}/status\n",
+            pid = std::process::id()
+        );
+    })
+    .await;
     stop_app.cancel();
     let _ = app_task.await;
     code
 }
 
-async fn run_demo_app(listen: std::net::SocketAddr) -> ExitCode {
+async fn run_demo_app(listen: SocketAddr) -> ExitCode {
     let listener = match TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -151,9 +160,9 @@ async fn run_demo_app(listen: std::net::SocketAddr) -> ExitCode {
 }
 
 /// The address a local curl should use for a listen address.
-fn loopback_for(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+fn loopback_for(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
-        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {
         addr
     }

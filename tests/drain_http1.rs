@@ -24,7 +24,10 @@ async fn signal_and_wait_not_ready(ld: &Lameduck, sig: Signal) -> Instant {
     let at = Instant::now();
     ld.signal(sig);
     let r = wait_admin(ld.admin_addr(), "/ready", |s, _| s == 503, ms(500)).await;
-    assert!(r.is_ok(), "/ready not 503 within 500ms of {sig}: last {r:?}");
+    assert!(
+        r.is_ok(),
+        "/ready not 503 within 500ms of {sig}: last {r:?}"
+    );
     at
 }
 
@@ -40,7 +43,13 @@ async fn start_in_flight(
         c.send_raw(&build_request("GET", &path, &[], b"")).await?;
         c.read_response_for(false, secs(30)).await
     });
-    wait_metric(ld.admin_addr(), "lameduck_requests_in_flight", |v| v >= 1.0, secs(5)).await;
+    wait_metric(
+        ld.admin_addr(),
+        "lameduck_requests_in_flight",
+        |v| v >= 1.0,
+        secs(5),
+    )
+    .await;
     task
 }
 
@@ -85,7 +94,11 @@ async fn idle_keepalive_connection_from_before_sigterm_stays_usable_during_the_w
     let mut c = RawConn::connect(ld.proxy_addr()).await;
     let r = c.get("/").await.expect("request before SIGTERM");
     assert_eq!(r.status, 200);
-    assert!(!r.has_connection_close(), "keep-alive before the drain: {:?}", r.headers);
+    assert!(
+        !r.has_connection_close(),
+        "keep-alive before the drain: {:?}",
+        r.headers
+    );
 
     let t = signal_and_wait_not_ready(&ld, Signal::SIGTERM).await;
     assert!(
@@ -93,7 +106,10 @@ async fn idle_keepalive_connection_from_before_sigterm_stays_usable_during_the_w
         "idle keep-alive connection was closed {:?} after SIGTERM, inside the 2s window",
         t.elapsed()
     );
-    let r = c.get("/").await.expect("request on the old connection during the window");
+    let r = c
+        .get("/")
+        .await
+        .expect("request on the old connection during the window");
     assert!(t.elapsed() < secs(2), "still inside the window");
     assert_eq!(r.status, 200);
     assert!(
@@ -101,7 +117,10 @@ async fn idle_keepalive_connection_from_before_sigterm_stays_usable_during_the_w
         "response during the window should carry `connection: close`: {:?}",
         r.headers
     );
-    assert!(c.closed_within(secs(1)).await, "closed after the `connection: close` response");
+    assert!(
+        c.closed_within(secs(1)).await,
+        "closed after the `connection: close` response"
+    );
     assert_eq!(ld.wait_exit(secs(6)).await.code(), Some(0));
 }
 
@@ -114,7 +133,10 @@ async fn new_connections_are_refused_after_the_window() {
     let t = signal_and_wait_not_ready(&ld, Signal::SIGTERM).await;
 
     tokio::time::sleep_until((t + ms(1500)).into()).await;
-    assert!(ld.is_running(), "process must still be draining the slow request");
+    assert!(
+        ld.is_running(),
+        "process must still be draining the slow request"
+    );
     assert!(
         connect_refused(proxy).await,
         "a new TCP connect after the window must be refused"
@@ -151,7 +173,10 @@ async fn slow_request_started_before_sigterm_completes_and_process_exits_0() {
     let s = ld.summary().expect("drain complete line");
     assert_eq!(field_str(&s, "outcome"), Some("graceful"), "{s}");
     assert_eq!(field_u64(&s, "connections_forced"), Some(0), "{s}");
-    assert!(field_u64(&s, "connections_graceful").unwrap_or(0) >= 1, "{s}");
+    assert!(
+        field_u64(&s, "connections_graceful").unwrap_or(0) >= 1,
+        "{s}"
+    );
     assert_eq!(field_u64(&s, "exit_code"), Some(0), "{s}");
 }
 
@@ -174,7 +199,11 @@ async fn request_slower_than_drain_timeout_is_forced_and_exit_code_is_3() {
 
     let status = ld.wait_exit(secs(6)).await;
     let took = t.elapsed();
-    assert_eq!(status.code(), Some(3), "deadline hit with a connection still busy");
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "deadline hit with a connection still busy"
+    );
     assert_between(took, ms(1800), secs(4), "forced exit near the 2s deadline");
 
     let r = tokio::time::timeout(secs(3), slow)
@@ -200,7 +229,11 @@ async fn second_sigterm_during_drain_exits_4_promptly() {
     ld.signal(Signal::SIGTERM);
     let status = ld.wait_exit(secs(5)).await;
     assert_eq!(status.code(), Some(4));
-    assert!(t.elapsed() < secs(1), "second signal exit took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < secs(1),
+        "second signal exit took {:?}",
+        t.elapsed()
+    );
     let s = ld.summary().expect("drain complete line");
     assert_eq!(field_str(&s, "outcome"), Some("signal"), "{s}");
     assert_eq!(field_u64(&s, "exit_code"), Some(4), "{s}");
@@ -214,7 +247,12 @@ async fn sigint_drains_like_sigterm() {
     assert_eq!((status, body.as_str()), (503, "draining\n"));
     let status = ld.wait_exit(secs(6)).await;
     assert_eq!(status.code(), Some(0));
-    assert_between(t.elapsed(), ms(900), secs(3), "exit after SIGINT with no traffic");
+    assert_between(
+        t.elapsed(),
+        ms(900),
+        secs(3),
+        "exit after SIGINT with no traffic",
+    );
     let s = ld.summary().expect("drain complete line");
     assert_eq!(field_str(&s, "outcome"), Some("graceful"), "{s}");
 }
@@ -240,7 +278,11 @@ async fn drain_subcommand_with_wait_returns_0_after_the_drain_completes() {
     );
     ld.wait_for_state_log("drained", secs(1)).await;
     let (status, body) = get(ld.admin_addr(), "/ready").await;
-    assert_eq!((status, body.as_str()), (503, "drained\n"), "admin during linger");
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "drained\n"),
+        "admin during linger"
+    );
     assert_eq!(ld.wait_exit(secs(5)).await.code(), Some(0));
 }
 
@@ -250,10 +292,44 @@ async fn drain_subcommand_without_wait_triggers_the_drain_and_returns_at_once() 
     let admin = ld.admin_addr().to_string();
     let out = run_cmd(&["drain", "--admin", &admin], &[], secs(10)).await;
     assert_eq!(out.status.code(), Some(0), "drain: {out:?}");
-    assert!(out.elapsed < ms(900), "drain without --wait took {:?}", out.elapsed);
-    let (status, _) = get(ld.admin_addr(), "/ready").await;
-    assert_eq!(status, 503);
+    assert!(
+        out.elapsed < ms(900),
+        "drain without --wait took {:?}",
+        out.elapsed
+    );
+    let flipped = wait_admin(ld.admin_addr(), "/ready", |s, _| s == 503, ms(500)).await;
+    assert!(
+        flipped.is_ok(),
+        "/ready not 503 500ms after `drain`: {flipped:?}"
+    );
     assert_eq!(ld.wait_exit(secs(5)).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_subcommand_wait_gives_up_with_1_after_its_timeout() {
+    let (_app, mut ld) = setup(&["--drain-delay", "3s", "--drain-timeout", "6s"]).await;
+    let admin = ld.admin_addr().to_string();
+    let out = run_cmd(
+        &["drain", "--admin", &admin, "--wait", "--timeout", "500ms"],
+        &[],
+        secs(10),
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "drain outlasting --timeout: {out:?}"
+    );
+    assert_between(
+        out.elapsed,
+        ms(400),
+        ms(2500),
+        "drain --wait --timeout 500ms",
+    );
+    // The drain itself was triggered and carries on.
+    let (status, body) = get(ld.admin_addr(), "/ready").await;
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    assert_eq!(ld.wait_exit(secs(6)).await.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +356,11 @@ async fn summary_line_has_all_fields_and_counts_requests_served_during_the_drain
     assert_eq!(status.code(), Some(0));
 
     let summaries = ld.logs_with_message("drain complete");
-    assert_eq!(summaries.len(), 1, "exactly one summary line: {summaries:?}");
+    assert_eq!(
+        summaries.len(),
+        1,
+        "exactly one summary line: {summaries:?}"
+    );
     let s = &summaries[0];
     for key in [
         "outcome",
@@ -298,7 +378,10 @@ async fn summary_line_has_all_fields_and_counts_requests_served_during_the_drain
     assert!(field_u64(s, "connections_graceful").is_some(), "{s}");
     assert_eq!(field_u64(s, "exit_code"), Some(0), "{s}");
     let d = field_u64(s, "duration_ms").expect("duration_ms is a number");
-    assert!((1900..=4500).contains(&d), "duration_ms {d} for a 2s window with no stragglers");
+    assert!(
+        (1900..=4500).contains(&d),
+        "duration_ms {d} for a 2s window with no stragglers"
+    );
 
     // State changes are logged in order.
     let logs = ld.logs();
@@ -313,5 +396,8 @@ async fn summary_line_has_all_fields_and_counts_requests_served_during_the_drain
         .iter()
         .position(|v| message(v) == "drain complete")
         .unwrap();
-    assert!(idx("drained") < summary_idx, "summary comes after `drained`");
+    assert!(
+        idx("drained") < summary_idx,
+        "summary comes after `drained`"
+    );
 }

@@ -65,7 +65,9 @@ async fn h2_get(
     path: &str,
 ) -> Result<h2::client::ResponseFuture, h2::Error> {
     let mut ready = send.clone().ready().await?;
-    let req = Request::get(format!("http://{addr}{path}")).body(()).unwrap();
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(())
+        .unwrap();
     let (fut, _) = ready.send_request(req, true)?;
     *send = ready;
     Ok(fut)
@@ -96,7 +98,11 @@ async fn h2c_prior_knowledge_requests_are_proxied_and_counted_as_http2() {
         assert_eq!(r.body, b"hello from the test app\n");
     }
     assert_eq!(
-        metric(ld.admin_addr(), "lameduck_connections_active{protocol=\"http2\"}").await,
+        metric(
+            ld.admin_addr(),
+            "lameduck_connections_active{protocol=\"http2\"}"
+        )
+        .await,
         1.0
     );
     drop(c.send);
@@ -110,7 +116,9 @@ async fn sigterm_sends_goaway_while_the_in_flight_h2_stream_completes() {
     let admin = ld.admin_addr();
     let mut c = h2_connect(proxy).await;
 
-    let long = h2_get(&mut c.send, proxy, "/slow?ms=2500").await.expect("send long stream");
+    let long = h2_get(&mut c.send, proxy, "/slow?ms=2500")
+        .await
+        .expect("send long stream");
     let long = tokio::spawn(read_h2_response(long));
     wait_metric(admin, "lameduck_requests_in_flight", |v| v >= 1.0, secs(5)).await;
 
@@ -167,7 +175,11 @@ async fn sigterm_sends_goaway_while_the_in_flight_h2_stream_completes() {
     );
     let status = ld.wait_exit(secs(5)).await;
     assert_eq!(status.code(), Some(0));
-    assert!(done.elapsed() < secs(3), "exit {:?} after the last stream", done.elapsed());
+    assert!(
+        done.elapsed() < secs(3),
+        "exit {:?} after the last stream",
+        done.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +227,11 @@ async fn grpc_style_call_through_an_http2_upstream_passes_te_and_returns_trailer
         .expect("upstream saw the call");
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.version, "HTTP/2.0", "upstream is spoken to over h2");
-    assert_eq!(seen.header("te"), Some("trailers"), "te: trailers must be passed");
+    assert_eq!(
+        seen.header("te"),
+        Some("trailers"),
+        "te: trailers must be passed"
+    );
     assert_eq!(seen.header("content-type"), Some("application/grpc"));
     c.conn.abort();
 }
@@ -231,7 +247,8 @@ async fn http1_client_is_proxied_to_an_http2_upstream() {
     assert_eq!(r.text(), "hello over h2\n");
     let seen = app.requests();
     assert!(
-        seen.iter().any(|r| r.path == "/" && r.version == "HTTP/2.0"),
+        seen.iter()
+            .any(|r| r.path == "/" && r.version == "HTTP/2.0"),
         "upstream saw {seen:?}"
     );
 }

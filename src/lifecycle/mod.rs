@@ -63,16 +63,38 @@ fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError>
     socket.listen(4096).map_err(error)
 }
 
-/// Runs lameduck until it has drained; returns how the drain ended.
-pub async fn run(config: Config, logs: LogReloader) -> Result<Outcome, StartError> {
-    let (events_tx, events) = mpsc::channel(16);
-    let signals = signals::OsSignals::register().map_err(StartError::Signals)?;
-    let signal_task = AbortOnDrop(tokio::spawn(signals.forward(events_tx.clone())));
+/// Start-up's fallible part: signal handlers first (so a SIGTERM during
+/// start-up is a drain, not a crash), then both listeners. Nothing is served
+/// yet; an error here leaves nothing half-started.
+pub struct Bound {
+    signals: signals::OsSignals,
+    proxy: TcpListener,
+    admin: TcpListener,
+    /// The bound addresses (a port 0 in the flags is resolved here).
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
 
-    let proxy_listener = bind("--listen", config.listen)?;
-    let admin_listener = bind("--admin-listen", config.admin_listen)?;
-    let proxy_addr = proxy_listener.local_addr().unwrap_or(config.listen);
-    let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
+/// Must be called inside the runtime (signal handlers register with it).
+pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
+    let signals = signals::OsSignals::register().map_err(StartError::Signals)?;
+    let proxy = bind("--listen", config.listen)?;
+    let admin = bind("--admin-listen", config.admin_listen)?;
+    Ok(Bound {
+        signals,
+        proxy_addr: proxy.local_addr().unwrap_or(config.listen),
+        admin_addr: admin.local_addr().unwrap_or(config.admin_listen),
+        proxy,
+        admin,
+    })
+}
+
+/// Runs lameduck until it has drained; returns how the drain ended.
+pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
+    let (events_tx, events) = mpsc::channel(16);
+    let signal_task = AbortOnDrop(tokio::spawn(bound.signals.forward(events_tx.clone())));
+    let (proxy_listener, admin_listener) = (bound.proxy, bound.admin);
+    let (proxy_addr, admin_addr) = (bound.proxy_addr, bound.admin_addr);
 
     let lifecycle = Arc::new(Lifecycle::new(Metrics::new()));
     let upstream = Upstream::new(&config);
@@ -140,7 +162,7 @@ pub async fn run(config: Config, logs: LogReloader) -> Result<Outcome, StartErro
     // The admin server goes last: /metrics and /ready answered until the end.
     admin.shutdown(CLOSE_GRACE).await;
     drop(signal_task);
-    Ok(outcome)
+    outcome
 }
 
 /// The part of `run` that reacts to events while time passes.

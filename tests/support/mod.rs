@@ -74,6 +74,7 @@ pub struct Lameduck {
     child: Child,
     logs: Arc<Mutex<Vec<Value>>>,
     lines: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<String>>,
     reader: Option<std::thread::JoinHandle<()>>,
     proxy: SocketAddr,
     admin: SocketAddr,
@@ -137,9 +138,14 @@ impl Lameduck {
             ("--metrics-linger", "0s"),
             ("--upstream", closed.as_str()),
         ];
+        // `demo` brings its own upstream.
+        let is_demo = pre.first() == Some(&"demo");
         let mut full: Vec<String> = pre.iter().map(|s| s.to_string()).collect();
         for (flag, value) in defaults {
             let in_env = env.iter().any(|(k, _)| *k == env_name(flag));
+            if is_demo && flag == "--upstream" {
+                continue;
+            }
             if !has_flag(args, flag) && !in_env {
                 full.push(flag.to_string());
                 full.push(value.to_string());
@@ -150,7 +156,7 @@ impl Lameduck {
         let mut cmd = base_command();
         cmd.args(&full)
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
@@ -158,6 +164,23 @@ impl Lameduck {
 
         let logs = Arc::new(Mutex::new(Vec::new()));
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        {
+            let mut out = child.stdout.take().expect("stdout piped");
+            let stdout = stdout.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match out.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => stdout
+                            .lock()
+                            .unwrap()
+                            .push_str(&String::from_utf8_lossy(&buf[..n])),
+                    }
+                }
+            });
+        }
         let stderr = child.stderr.take().expect("stderr piped");
         let reader = {
             let logs = logs.clone();
@@ -224,6 +247,7 @@ impl Lameduck {
             child,
             logs,
             lines,
+            stdout,
             reader: Some(reader),
             proxy,
             admin,
@@ -257,6 +281,11 @@ impl Lameduck {
     /// All raw stderr lines so far.
     pub fn stderr_lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
+    }
+
+    /// Everything written to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// Log lines with the given message.
@@ -454,6 +483,46 @@ pub async fn run_cmd(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> 
         .expect("run_cmd thread")
 }
 
+/// `lameduck demo-app --listen 127.0.0.1:<free port>` as a process.
+pub struct DemoApp {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl DemoApp {
+    /// Starts the sample app and waits (10s) until its port accepts connections.
+    pub async fn start() -> DemoApp {
+        let addr = closed_port();
+        let child = base_command()
+            .args(["demo-app", "--listen", &addr.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {BIN} demo-app: {e}"));
+        let mut app = DemoApp { addr, child };
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        loop {
+            if TcpStream::connect(addr).await.is_ok() {
+                return app;
+            }
+            if let Ok(Some(s)) = app.child.try_wait() {
+                panic!("demo-app exited early with {s}");
+            }
+            if Instant::now() >= deadline {
+                panic!("demo-app did not listen on {addr} within {STARTUP_DEADLINE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for DemoApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Addresses
 // ---------------------------------------------------------------------------
@@ -501,10 +570,7 @@ impl HttpResponse {
         self.headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
-            .any(|(_, v)| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("close"))
-            })
+            .any(|(_, v)| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
     }
 }
 
@@ -597,7 +663,8 @@ impl RawConn {
     ) -> Result<HttpResponse, ClientError> {
         self.send_raw(&build_request(method, path, headers, body))
             .await?;
-        self.read_response_for(method == "HEAD", RESPONSE_TIMEOUT).await
+        self.read_response_for(method == "HEAD", RESPONSE_TIMEOUT)
+            .await
     }
 
     pub async fn get(&mut self, path: &str) -> Result<HttpResponse, ClientError> {
@@ -663,12 +730,13 @@ impl RawConn {
                 let mut parts = status_line.splitn(3, ' ');
                 let version = parts.next().unwrap_or("");
                 if !version.starts_with("HTTP/1.") {
-                    return Err(ClientError::Malformed(format!("status line {status_line:?}")));
+                    return Err(ClientError::Malformed(format!(
+                        "status line {status_line:?}"
+                    )));
                 }
-                let status: u16 = parts
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| ClientError::Malformed(format!("status line {status_line:?}")))?;
+                let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                    ClientError::Malformed(format!("status line {status_line:?}"))
+                })?;
                 let mut headers = Vec::new();
                 for l in lines {
                     if let Some((k, v)) = l.split_once(':') {
@@ -747,8 +815,10 @@ impl RawConn {
                             Ok(Some(l)) if l.is_empty() => return Ok(resp),
                             Ok(Some(l)) => {
                                 if let Some((k, v)) = l.split_once(':') {
-                                    resp.trailers
-                                        .push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                                    resp.trailers.push((
+                                        k.trim().to_ascii_lowercase(),
+                                        v.trim().to_string(),
+                                    ));
                                 }
                             }
                             Ok(None) => {
@@ -794,7 +864,12 @@ impl RawConn {
             match self.fill().await {
                 Ok(0) => break,
                 Ok(_) => {}
-                Err(e) => return Err(truncated(self.buf.len(), format!("{e} in close-delimited body"))),
+                Err(e) => {
+                    return Err(truncated(
+                        self.buf.len(),
+                        format!("{e} in close-delimited body"),
+                    ));
+                }
             }
         }
         resp.body = std::mem::take(&mut self.buf);
@@ -927,15 +1002,13 @@ pub async fn metrics_text(admin: SocketAddr) -> String {
 
 /// The value of exactly `series` (e.g. `lameduck_connections_active{protocol="http1"}`).
 pub fn parse_metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let rest = l.strip_prefix(series)?;
-            if !rest.starts_with(' ') {
-                return None;
-            }
-            rest.split_whitespace().next()?.parse::<f64>().ok()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        if !rest.starts_with(' ') {
+            return None;
+        }
+        rest.split_whitespace().next()?.parse::<f64>().ok()
+    })
 }
 
 /// Sum of all series of metric `name` (any labels).
@@ -996,7 +1069,36 @@ pub async fn wait_metric(
             }
         }
         if Instant::now() >= deadline {
-            panic!("metric {series} did not reach the expected value within {timeout:?}; last {last:?}");
+            panic!(
+                "metric {series} did not reach the expected value within {timeout:?}; last {last:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls /metrics until the sum of all series of `name` satisfies `pred`.
+pub async fn wait_metric_sum(
+    admin: SocketAddr,
+    name: &str,
+    pred: impl Fn(f64) -> bool,
+    timeout: Duration,
+) -> f64 {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Some((200, text)) = try_get(admin, "/metrics").await {
+            last = parse_metric_sum(&text, name);
+            if let Some(v) = last {
+                if pred(v) {
+                    return v;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "sum of {name} did not reach the expected value within {timeout:?}; last {last:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1014,7 +1116,9 @@ pub async fn wait_no_active_connections(admin: SocketAddr, timeout: Duration) {
             }
         }
         if Instant::now() >= deadline {
-            panic!("lameduck_connections_active did not return to 0 within {timeout:?}; last sum {last:?}");
+            panic!(
+                "lameduck_connections_active did not return to 0 within {timeout:?}; last sum {last:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1027,7 +1131,9 @@ pub async fn wait_no_active_connections(admin: SocketAddr, timeout: Duration) {
 pub type TestBody = UnsyncBoxBody<Bytes, io::Error>;
 
 fn full(b: impl Into<Bytes>) -> TestBody {
-    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn query_param(req: &Request<Incoming>, key: &str) -> Option<String> {
@@ -1106,7 +1212,10 @@ pub struct TestApp {
     task: JoinHandle<()>,
 }
 
-async fn test_app_handle(req: Request<Incoming>, log: Log) -> Result<Response<TestBody>, Infallible> {
+async fn test_app_handle(
+    req: Request<Incoming>,
+    log: Log,
+) -> Result<Response<TestBody>, Infallible> {
     record(&log, &req);
     let path = req.uri().path().to_string();
     let resp = match path.as_str() {
