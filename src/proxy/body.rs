@@ -59,6 +59,16 @@ impl ProxyBody {
     }
 }
 
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // A body dropped after its end was read still has a reusable
+        // connection; one dropped half-way does not (`pooled` is just dropped).
+        if self.pooled.is_some() && self.is_end_stream() {
+            self.finish();
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -73,6 +83,9 @@ impl Body for ProxyBody {
             Kind::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         };
         match &polled {
+            // hyper stops polling once `is_end_stream` is true (a body with a
+            // Content-Length), so the last data frame is the end too.
+            Poll::Ready(Some(Ok(_))) if this.is_end_stream() => this.finish(),
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 // A body that failed half-way leaves the connection unusable.

@@ -1159,6 +1159,8 @@ fn header_pairs(h: &HeaderMap) -> Vec<(String, String)> {
 /// A request as the upstream saw it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// The proxy's end of the upstream connection that carried the request.
+    pub peer: SocketAddr,
     pub method: String,
     pub path: String,
     pub version: String,
@@ -1188,8 +1190,9 @@ impl Recorded {
 
 type Log = Arc<Mutex<Vec<Recorded>>>;
 
-fn record(log: &Log, req: &Request<Incoming>) {
+fn record(log: &Log, peer: SocketAddr, req: &Request<Incoming>) {
     log.lock().unwrap().push(Recorded {
+        peer,
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
         version: format!("{:?}", req.version()),
@@ -1206,6 +1209,7 @@ fn record(log: &Log, req: &Request<Incoming>) {
 /// - `GET /bytes?n=N` N bytes of 'x'
 /// - `POST /echo` echoes the body
 /// - `GET /healthz` 200
+/// - `GET /empty` 204 with no body; `GET /chunked` a body without a length
 pub struct TestApp {
     pub addr: SocketAddr,
     log: Log,
@@ -1214,13 +1218,22 @@ pub struct TestApp {
 
 async fn test_app_handle(
     req: Request<Incoming>,
+    peer: SocketAddr,
     log: Log,
 ) -> Result<Response<TestBody>, Infallible> {
-    record(&log, &req);
+    record(&log, peer, &req);
     let path = req.uri().path().to_string();
     let resp = match path.as_str() {
         "/" => Response::new(full("hello from the test app\n")),
         "/healthz" => Response::new(full("ok\n")),
+        "/empty" => Response::builder().status(204).body(full("")).unwrap(),
+        "/chunked" => {
+            let frames: Vec<Result<Frame<Bytes>, io::Error>> = vec![
+                Ok(Frame::data(Bytes::from_static(b"chunk one\n"))),
+                Ok(Frame::data(Bytes::from_static(b"chunk two\n"))),
+            ];
+            Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync())
+        }
         "/slow" => {
             let ms: u64 = query_param(&req, "ms")
                 .and_then(|v| v.parse().ok())
@@ -1293,12 +1306,12 @@ impl TestApp {
         let log2 = log.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let log = log2.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| test_app_handle(req, log.clone()));
+                    let svc = service_fn(move |req| test_app_handle(req, peer, log.clone()));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -1334,8 +1347,12 @@ pub struct H2App {
     task: JoinHandle<()>,
 }
 
-async fn h2_app_handle(req: Request<Incoming>, log: Log) -> Result<Response<TestBody>, Infallible> {
-    record(&log, &req);
+async fn h2_app_handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    log: Log,
+) -> Result<Response<TestBody>, Infallible> {
+    record(&log, peer, &req);
     if req.method() == hyper::Method::POST {
         let body = req
             .into_body()
@@ -1365,12 +1382,12 @@ impl H2App {
         let log2 = log.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let log = log2.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| h2_app_handle(req, log.clone()));
+                    let svc = service_fn(move |req| h2_app_handle(req, peer, log.clone()));
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
