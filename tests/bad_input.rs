@@ -8,16 +8,6 @@ use std::time::Instant;
 
 use support::*;
 
-async fn setup(extra: &[&str]) -> (TestApp, Lameduck) {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut args = vec!["--upstream", up.as_str()];
-    args.extend_from_slice(extra);
-    let ld = Lameduck::spawn(&args);
-    wait_ready(ld.admin_addr(), secs(10)).await;
-    (app, ld)
-}
-
 /// A normal request succeeds and, once every client is gone, no connection is active.
 async fn assert_still_healthy(ld: &Lameduck) {
     let r = http_get(ld.proxy_addr(), "/").await;
@@ -28,7 +18,7 @@ async fn assert_still_healthy(ld: &Lameduck) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bytes_get_400_and_the_connection_closes_without_hurting_others() {
-    let (_app, ld) = setup(&[]).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let mut bystander = RawConn::connect(ld.proxy_addr()).await;
     assert_eq!(bystander.get("/").await.expect("bystander").status, 200);
 
@@ -51,7 +41,7 @@ async fn garbage_bytes_get_400_and_the_connection_closes_without_hurting_others(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_request_line_gets_400() {
-    let (_app, ld) = setup(&[]).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     for bad in [
         &b"GET /no-version\r\nhost: x\r\n\r\n"[..],
         &b"GET / HTTP/1.1 trailing-junk\r\nhost: x\r\n\r\n"[..],
@@ -76,7 +66,7 @@ async fn malformed_request_line_gets_400() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_kib_header_gets_431() {
-    let (app, ld) = setup(&[]).await;
+    let (app, ld) = app_behind_lameduck(&[]).await;
     let big = "a".repeat(100 * 1024);
     let mut c = RawConn::connect(ld.proxy_addr()).await;
     // The proxy may answer and close before reading everything: ignore write errors.
@@ -103,7 +93,7 @@ async fn a_100_kib_header_gets_431() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_trickled_one_byte_per_200ms_are_cut_at_the_header_read_timeout() {
-    let (app, ld) = setup(&["--header-read-timeout", "1s"]).await;
+    let (app, ld) = app_behind_lameduck(&["--header-read-timeout", "1s"]).await;
     let mut c = RawConn::connect(ld.proxy_addr()).await;
     let start = Instant::now();
     let trickle = b"GET /trickle HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
@@ -135,7 +125,7 @@ async fn headers_trickled_one_byte_per_200ms_are_cut_at_the_header_read_timeout(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_max_connections_are_closed_at_once_while_established_ones_work() {
-    let (_app, ld) = setup(&["--max-connections", "5"]).await;
+    let (_app, ld) = app_behind_lameduck(&["--max-connections", "5"]).await;
     let proxy = ld.proxy_addr();
     let admin = ld.admin_addr();
 
@@ -191,7 +181,7 @@ async fn connections_past_max_connections_are_closed_at_once_while_established_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order() {
-    let (_app, ld) = setup(&[]).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let mut c = RawConn::connect(ld.proxy_addr()).await;
     let mut batch = build_request("GET", "/slow?ms=200", &[], b"");
     batch.extend(build_request("GET", "/", &[], b""));
@@ -210,7 +200,7 @@ async fn pipelined_requests_are_answered_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keepalive_connection_is_closed_after_the_idle_timeout() {
-    let (_app, ld) = setup(&["--idle-timeout", "1s"]).await;
+    let (_app, ld) = app_behind_lameduck(&["--idle-timeout", "1s"]).await;
     let mut c = RawConn::connect(ld.proxy_addr()).await;
     assert_eq!(c.get("/").await.expect("first request").status, 200);
     let idle_since = Instant::now();
@@ -230,7 +220,7 @@ async fn idle_keepalive_connection_is_closed_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_vanishes_mid_request_frees_its_connection() {
-    let (_app, ld) = setup(&[]).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let mut c = RawConn::connect(ld.proxy_addr()).await;
     c.send_raw(&build_request("GET", "/slow?ms=5000", &[], b""))
         .await

@@ -9,16 +9,6 @@ use nix::sys::signal::Signal;
 use support::*;
 
 /// Starts an upstream test app and the proxy in front of it, waits for `serving`.
-async fn setup(extra: &[&str]) -> (TestApp, Lameduck) {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut args = vec!["--upstream", up.as_str()];
-    args.extend_from_slice(extra);
-    let ld = Lameduck::spawn(&args);
-    wait_ready(ld.admin_addr(), secs(10)).await;
-    (app, ld)
-}
-
 /// Sends `sig` and waits (≤ 500 ms) for /ready to answer 503. Returns when the signal was sent.
 async fn signal_and_wait_not_ready(ld: &Lameduck, sig: Signal) -> Instant {
     let at = Instant::now();
@@ -55,7 +45,8 @@ async fn start_in_flight(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flips_ready_to_503_within_500ms_while_live_stays_200() {
-    let (_app, mut ld) = setup(&["--drain-delay", "2s", "--drain-timeout", "6s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "2s", "--drain-timeout", "6s"]).await;
     let admin = ld.admin_addr();
     signal_and_wait_not_ready(&ld, Signal::SIGTERM).await;
     let (status, body) = get(admin, "/ready").await;
@@ -68,7 +59,8 @@ async fn sigterm_flips_ready_to_503_within_500ms_while_live_stays_200() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_keepalive_request_during_window_gets_connection_close_and_is_then_closed() {
-    let (_app, mut ld) = setup(&["--drain-delay", "2s", "--drain-timeout", "6s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "2s", "--drain-timeout", "6s"]).await;
     signal_and_wait_not_ready(&ld, Signal::SIGTERM).await;
 
     // A brand-new connection during the window is still accepted and served.
@@ -90,7 +82,8 @@ async fn new_keepalive_request_during_window_gets_connection_close_and_is_then_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keepalive_connection_from_before_sigterm_stays_usable_during_the_window() {
-    let (_app, mut ld) = setup(&["--drain-delay", "2s", "--drain-timeout", "6s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "2s", "--drain-timeout", "6s"]).await;
     let mut c = RawConn::connect(ld.proxy_addr()).await;
     let r = c.get("/").await.expect("request before SIGTERM");
     assert_eq!(r.status, 200);
@@ -126,7 +119,8 @@ async fn idle_keepalive_connection_from_before_sigterm_stays_usable_during_the_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_are_refused_after_the_window() {
-    let (_app, mut ld) = setup(&["--drain-delay", "1s", "--drain-timeout", "8s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "8s"]).await;
     let proxy = ld.proxy_addr();
     // Keeps the process alive past the window.
     let slow = start_in_flight(&ld, "/slow?ms=3500").await;
@@ -149,7 +143,8 @@ async fn new_connections_are_refused_after_the_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_request_started_before_sigterm_completes_and_process_exits_0() {
-    let (_app, mut ld) = setup(&["--drain-delay", "1s", "--drain-timeout", "10s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "10s"]).await;
     let slow = start_in_flight(&ld, "/slow?ms=3000").await;
     let t = signal_and_wait_not_ready(&ld, Signal::SIGTERM).await;
 
@@ -182,7 +177,8 @@ async fn slow_request_started_before_sigterm_completes_and_process_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_proxy_exits_0_right_after_the_window() {
-    let (_app, mut ld) = setup(&["--drain-delay", "1s", "--drain-timeout", "5s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "5s"]).await;
     let t = Instant::now();
     ld.signal(Signal::SIGTERM);
     let status = ld.wait_exit(secs(6)).await;
@@ -193,7 +189,8 @@ async fn idle_proxy_exits_0_right_after_the_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_slower_than_drain_timeout_is_forced_and_exit_code_is_3() {
-    let (_app, mut ld) = setup(&["--drain-delay", "1s", "--drain-timeout", "2s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "2s"]).await;
     let slow = start_in_flight(&ld, "/slow?ms=10000").await;
     let t = signal_and_wait_not_ready(&ld, Signal::SIGTERM).await;
 
@@ -222,7 +219,8 @@ async fn request_slower_than_drain_timeout_is_forced_and_exit_code_is_3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_sigterm_during_drain_exits_4_promptly() {
-    let (_app, mut ld) = setup(&["--drain-delay", "3s", "--drain-timeout", "10s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "3s", "--drain-timeout", "10s"]).await;
     signal_and_wait_not_ready(&ld, Signal::SIGTERM).await;
     ld.wait_for_state_log("draining", secs(1)).await;
     let t = Instant::now();
@@ -241,7 +239,8 @@ async fn second_sigterm_during_drain_exits_4_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_drains_like_sigterm() {
-    let (_app, mut ld) = setup(&["--drain-delay", "1s", "--drain-timeout", "5s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "5s"]).await;
     let t = signal_and_wait_not_ready(&ld, Signal::SIGINT).await;
     let (status, body) = get(ld.admin_addr(), "/ready").await;
     assert_eq!((status, body.as_str()), (503, "draining\n"));
@@ -259,7 +258,7 @@ async fn sigint_drains_like_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_subcommand_with_wait_returns_0_after_the_drain_completes() {
-    let (_app, mut ld) = setup(&[
+    let (_app, mut ld) = app_behind_lameduck(&[
         "--drain-delay",
         "1s",
         "--drain-timeout",
@@ -288,7 +287,8 @@ async fn drain_subcommand_with_wait_returns_0_after_the_drain_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_subcommand_without_wait_triggers_the_drain_and_returns_at_once() {
-    let (_app, mut ld) = setup(&["--drain-delay", "1s", "--drain-timeout", "5s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "5s"]).await;
     let admin = ld.admin_addr().to_string();
     let out = run_cmd(&["drain", "--admin", &admin], &[], secs(10)).await;
     assert_eq!(out.status.code(), Some(0), "drain: {out:?}");
@@ -307,7 +307,8 @@ async fn drain_subcommand_without_wait_triggers_the_drain_and_returns_at_once() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_subcommand_wait_gives_up_with_1_after_its_timeout() {
-    let (_app, mut ld) = setup(&["--drain-delay", "3s", "--drain-timeout", "6s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "3s", "--drain-timeout", "6s"]).await;
     let admin = ld.admin_addr().to_string();
     let out = run_cmd(
         &["drain", "--admin", &admin, "--wait", "--timeout", "500ms"],
@@ -341,7 +342,8 @@ async fn drain_subcommand_fails_with_1_when_the_admin_is_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn summary_line_has_all_fields_and_counts_requests_served_during_the_drain() {
-    let (_app, mut ld) = setup(&["--drain-delay", "2s", "--drain-timeout", "6s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "2s", "--drain-timeout", "6s"]).await;
     // Traffic before the drain is not counted.
     for _ in 0..2 {
         assert_eq!(http_get(ld.proxy_addr(), "/").await.status, 200);

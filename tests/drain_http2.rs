@@ -73,19 +73,9 @@ async fn h2_get(
     Ok(fut)
 }
 
-async fn setup(extra: &[&str]) -> (TestApp, Lameduck) {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut args = vec!["--upstream", up.as_str()];
-    args.extend_from_slice(extra);
-    let ld = Lameduck::spawn(&args);
-    wait_ready(ld.admin_addr(), secs(10)).await;
-    (app, ld)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_requests_are_proxied_and_counted_as_http2() {
-    let (_app, ld) = setup(&[]).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let proxy = ld.proxy_addr();
     let mut c = h2_connect(proxy).await;
     for _ in 0..3 {
@@ -111,7 +101,8 @@ async fn h2c_prior_knowledge_requests_are_proxied_and_counted_as_http2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_goaway_while_the_in_flight_h2_stream_completes() {
-    let (_app, mut ld) = setup(&["--drain-delay", "1s", "--drain-timeout", "10s"]).await;
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "10s"]).await;
     let proxy = ld.proxy_addr();
     let admin = ld.admin_addr();
     let mut c = h2_connect(proxy).await;

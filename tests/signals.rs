@@ -8,22 +8,12 @@ use std::time::Instant;
 use nix::sys::signal::Signal;
 use support::*;
 
-async fn setup(extra: &[&str]) -> (TestApp, Lameduck) {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut args = vec!["--upstream", up.as_str()];
-    args.extend_from_slice(extra);
-    let ld = Lameduck::spawn(&args);
-    wait_ready(ld.admin_addr(), secs(10)).await;
-    (app, ld)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rereads_the_log_level_file_and_the_proxy_keeps_serving() {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), "info\n").unwrap();
     let path = file.path().to_str().unwrap().to_string();
-    let (_app, mut ld) = setup(&["--log-level-file", &path]).await;
+    let (_app, mut ld) = app_behind_lameduck(&["--log-level-file", &path]).await;
 
     std::fs::write(file.path(), "debug\n").unwrap();
     let before = ld.logs().len();
@@ -64,7 +54,7 @@ async fn sighup_rereads_the_log_level_file_and_the_proxy_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_without_a_log_level_file_is_harmless() {
-    let (_app, mut ld) = setup(&[]).await;
+    let (_app, mut ld) = app_behind_lameduck(&[]).await;
     ld.signal(Signal::SIGHUP);
     tokio::time::sleep(ms(300)).await;
     assert!(ld.is_running(), "SIGHUP must not stop the process");
@@ -77,7 +67,7 @@ async fn sighup_during_a_drain_does_not_stop_the_drain() {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), "info\n").unwrap();
     let path = file.path().to_str().unwrap().to_string();
-    let (_app, mut ld) = setup(&[
+    let (_app, mut ld) = app_behind_lameduck(&[
         "--log-level-file",
         &path,
         "--drain-delay",
@@ -128,7 +118,7 @@ async fn sigterm_during_startup_exits_0_after_the_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigpipe_does_not_kill_the_process() {
-    let (_app, mut ld) = setup(&[]).await;
+    let (_app, mut ld) = app_behind_lameduck(&[]).await;
     ld.signal(Signal::SIGPIPE);
     tokio::time::sleep(ms(200)).await;
     assert!(ld.is_running(), "SIGPIPE killed the process");
@@ -139,7 +129,7 @@ async fn sigpipe_does_not_kill_the_process() {
 async fn clients_resetting_mid_response_do_not_kill_the_process() {
     // Many clients that hang up while a large body is streaming: writes to closed
     // sockets must not kill the process (EPIPE, not SIGPIPE).
-    let (_app, mut ld) = setup(&[]).await;
+    let (_app, mut ld) = app_behind_lameduck(&[]).await;
     for _ in 0..10 {
         let mut c = RawConn::connect(ld.proxy_addr()).await;
         c.send_raw(&build_request("GET", "/bytes?n=4000000", &[], b""))

@@ -7,19 +7,9 @@ use std::time::Instant;
 
 use support::*;
 
-async fn setup(extra: &[&str]) -> (TestApp, Lameduck) {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut args = vec!["--upstream", up.as_str()];
-    args.extend_from_slice(extra);
-    let ld = Lameduck::spawn(&args);
-    wait_ready(ld.admin_addr(), secs(10)).await;
-    (app, ld)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_refusing_connections_gives_a_fast_502_with_a_short_body() {
-    let (app, ld) = setup(&[]).await;
+    let (app, ld) = app_behind_lameduck(&[]).await;
     let app_addr = app.addr;
     drop(app);
     let mut refused = false;
@@ -57,7 +47,7 @@ async fn upstream_refusing_connections_gives_a_fast_502_with_a_short_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_not_answering_syns_fails_at_the_connect_timeout() {
-    let (app, ld) = setup(&[
+    let (app, ld) = app_behind_lameduck(&[
         "--upstream-connect-timeout",
         "500ms",
         "--upstream-timeout",
@@ -115,7 +105,7 @@ async fn upstream_not_answering_syns_fails_at_the_connect_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_hanging_gives_504_at_the_upstream_timeout() {
-    let (_app, ld) = setup(&["--upstream-timeout", "500ms"]).await;
+    let (_app, ld) = app_behind_lameduck(&["--upstream-timeout", "500ms"]).await;
     let start = Instant::now();
     let r = http_get(ld.proxy_addr(), "/hang").await;
     let took = start.elapsed();
@@ -136,7 +126,7 @@ async fn upstream_hanging_gives_504_at_the_upstream_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_dying_mid_response_is_not_passed_off_as_complete() {
-    let (_app, ld) = setup(&[]).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let r = http_request(ld.proxy_addr(), "GET", "/die", &[], b"").await;
     match &r {
         Err(ClientError::Truncated { .. }) | Err(ClientError::Closed) | Err(ClientError::Io(_)) => {
@@ -153,7 +143,7 @@ async fn upstream_dying_mid_response_is_not_passed_off_as_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_is_generated_when_absent_and_seen_by_the_app() {
-    let (app, ld) = setup(&[]).await;
+    let (app, ld) = app_behind_lameduck(&[]).await;
     let r1 = http_get(ld.proxy_addr(), "/headers").await;
     assert_eq!(r1.status, 200);
     let id1 = r1
@@ -176,7 +166,7 @@ async fn request_id_is_generated_when_absent_and_seen_by_the_app() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_from_the_client_is_preserved() {
-    let (app, ld) = setup(&[]).await;
+    let (app, ld) = app_behind_lameduck(&[]).await;
     let r = http_request(
         ld.proxy_addr(),
         "GET",
@@ -194,7 +184,7 @@ async fn request_id_from_the_client_is_preserved() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_and_proto_reach_the_app() {
-    let (app, ld) = setup(&[]).await;
+    let (app, ld) = app_behind_lameduck(&[]).await;
     let r = http_get(ld.proxy_addr(), "/headers").await;
     assert_eq!(r.status, 200);
     let seen = app.last_request("/headers").unwrap();
@@ -214,7 +204,7 @@ async fn forwarded_for_and_proto_reach_the_app() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_do_not_reach_the_app() {
-    let (app, ld) = setup(&[]).await;
+    let (app, ld) = app_behind_lameduck(&[]).await;
     let r = http_request(
         ld.proxy_addr(),
         "GET",
@@ -254,7 +244,7 @@ async fn hop_by_hop_headers_do_not_reach_the_app() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_response_bodies_pass_through_intact() {
-    let (_app, ld) = setup(&[]).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let body: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
     let r = http_request(ld.proxy_addr(), "POST", "/echo", &[], &body)
         .await
@@ -274,7 +264,7 @@ async fn request_and_response_bodies_pass_through_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_request_body_is_forwarded() {
-    let (_app, ld) = setup(&[]).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let mut c = RawConn::connect(ld.proxy_addr()).await;
     c.send_raw(
         b"POST /echo HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n\
@@ -289,7 +279,7 @@ async fn chunked_request_body_is_forwarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_request_gets_headers_without_a_body() {
-    let (_app, ld) = setup(&[]).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let mut c = RawConn::connect(ld.proxy_addr()).await;
     let r = c
         .request("HEAD", "/bytes?n=100", &[], b"")

@@ -1291,6 +1291,17 @@ async fn test_app_handle(
     Ok(resp)
 }
 
+/// A test app with a lameduck (given `extra` flags) in front of it, ready.
+pub async fn app_behind_lameduck(extra: &[&str]) -> (TestApp, Lameduck) {
+    let app = TestApp::start().await;
+    let up = app.addr.to_string();
+    let mut args = vec!["--upstream", up.as_str()];
+    args.extend_from_slice(extra);
+    let ld = Lameduck::spawn(&args);
+    wait_ready(ld.admin_addr(), secs(10)).await;
+    (app, ld)
+}
+
 impl TestApp {
     pub async fn start() -> TestApp {
         Self::start_on("127.0.0.1:0".parse().unwrap()).await
