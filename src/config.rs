@@ -132,6 +132,21 @@ pub struct ProxyArgs {
     /// A file holding the log filter, re-read on SIGHUP (e.g. mounted from a ConfigMap).
     #[arg(long, env = "LAMEDUCK_LOG_LEVEL_FILE")]
     pub log_level_file: Option<PathBuf>,
+
+    /// Threads serving traffic; 0 means one per CPU available to the process
+    /// (its affinity and cgroup CPU limit). With one, a single-threaded runtime.
+    #[arg(long, env = "LAMEDUCK_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+}
+
+impl ProxyArgs {
+    /// The number of runtime threads `--worker-threads` asks for.
+    pub fn resolved_worker_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -41,10 +41,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let worker_threads = match &cli.command {
+        None => cli.proxy.resolved_worker_threads(),
+        Some(Command::Run(args) | Command::Demo(args)) => args.resolved_worker_threads(),
+        // The helpers are light: one thread is plenty.
+        Some(Command::DemoApp(_) | Command::Drain(_)) => 1,
+    };
+    let runtime = match runtime_builder(worker_threads).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return fail(EXIT_FAILURE, format!("cannot start the async runtime: {e}")),
     };
@@ -60,6 +63,19 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(EXIT_FAILURE, e),
         },
+    }
+}
+
+/// One thread (a CPU limit of a core or less, or pinning): a current-thread
+/// runtime, without the work-stealing machinery one thread cannot use
+/// (measurably faster; BENCHMARKS.md). More: the multi-thread runtime.
+fn runtime_builder(threads: usize) -> tokio::runtime::Builder {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
     }
 }
 

@@ -143,8 +143,19 @@ async fn new_connections_are_refused_after_the_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_request_started_before_sigterm_completes_and_process_exits_0() {
-    let (_app, mut ld) =
-        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "10s"]).await;
+    slow_request_completes_through_the_drain(&[]).await;
+}
+
+/// The same drain on the single-threaded runtime lameduck uses when it has one CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_worker_thread_drains_the_same_way() {
+    slow_request_completes_through_the_drain(&["--worker-threads", "1"]).await;
+}
+
+async fn slow_request_completes_through_the_drain(extra: &[&str]) {
+    let mut args = vec!["--drain-delay", "1s", "--drain-timeout", "10s"];
+    args.extend_from_slice(extra);
+    let (_app, mut ld) = app_behind_lameduck(&args).await;
     let slow = start_in_flight(&ld, "/slow?ms=3000").await;
     let t = signal_and_wait_not_ready(&ld, Signal::SIGTERM).await;
 

@@ -73,6 +73,7 @@ impl ProxyContext {
         http1
             .header_read_timeout(None)
             .max_header_size(MAX_HEADER_BYTES)
+            .writev(false)
             .timer(TokioTimer::new());
         let mut http2 = http2::Builder::new(TrackedExecutor(tasks.clone()));
         http2.timer(TokioTimer::new());

@@ -231,6 +231,7 @@ impl Upstream {
     async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
         let stream = self.connect_tcp().await?;
         let (sender, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::from_hyper)?;
