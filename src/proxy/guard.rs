@@ -133,9 +133,6 @@ pub fn now_ms() -> u64 {
 #[derive(Debug)]
 pub struct ConnActivity {
     in_flight: AtomicU32,
-    /// Set by the first request; wakes whoever waits in `first_request`.
-    served_any: AtomicBool,
-    first: Notify,
     /// When the bytes of a request head started arriving (0: none pending).
     head_started_ms: AtomicU64,
     /// When the last request finished (or the connection opened).
@@ -160,8 +157,6 @@ impl ConnActivity {
         let now = now_ms();
         ConnActivity {
             in_flight: AtomicU32::new(0),
-            served_any: AtomicBool::new(false),
-            first: Notify::new(),
             head_started_ms: AtomicU64::new(now),
             idle_since_ms: AtomicU64::new(now),
         }
@@ -181,19 +176,6 @@ impl ConnActivity {
     pub fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_started_ms.store(0, Ordering::Relaxed);
-        if !self.served_any.load(Ordering::Relaxed) {
-            self.served_any.store(true, Ordering::Release);
-            // notify_one keeps a permit when nobody waits yet: never lost.
-            self.first.notify_one();
-        }
-    }
-
-    /// Resolves once the connection has received its first request.
-    pub async fn first_request(&self) {
-        if self.served_any.load(Ordering::Acquire) {
-            return;
-        }
-        self.first.notified().await;
     }
 
     #[inline]

@@ -3,9 +3,14 @@
 //! that forwards each request to the app.
 //!
 //! Drain semantics per connection kind:
-//! - HTTP/2: GOAWAY as soon as the drain starts, to every connection that has
-//!   carried a request (others get it after their first request, or when the
-//!   window ends); streams in flight finish.
+//! - HTTP/2: GOAWAY when the window ends (two-phase, so every stream the
+//!   client sent before seeing it is answered), not at its start. Measured
+//!   behind HAProxy 2.6 (tests/e2e/rolling.rs): a GOAWAY while the load
+//!   balancer still sends makes it reset the connection with a response in
+//!   flight (`SD--`), or, on a connection it just opened, leaves it unable to
+//!   send at all (503 after its retries hit the closed listener). By the end
+//!   of the window the balancer has stopped choosing this replica; a direct
+//!   client is served normally until then.
 //! - HTTP/1: while draining every response carries `Connection: close`; idle
 //!   keep-alive connections are closed only when the window ends (closing them
 //!   earlier races with a client reusing one).
@@ -33,7 +38,6 @@ use super::headers;
 use super::io::{ServerIo, sniff};
 use super::upstream::UpstreamError;
 use super::{ProxyContext, TrackedExecutor};
-use crate::lifecycle::DrainTokens;
 use crate::metrics::Protocol;
 
 pub async fn serve_connection(
@@ -71,42 +75,19 @@ pub async fn serve_connection(
         downstream_h2: protocol == Protocol::Http2,
     }));
     let io = TokioIo::new(io);
+    // Busy HTTP/1 connections close through `Connection: close` during the
+    // window; HTTP/2 ones and idle HTTP/1 ones get their graceful shutdown
+    // (GOAWAY / close) when the window ends (module docs: why not at t0).
+    let shutdown = tokens.stop_accepting.cancelled();
     match protocol {
         Protocol::Http2 => {
             let conn = ctx.http2.serve_connection(io, service);
-            let goaway_due = h2_goaway_due(tokens, &activity);
-            drive(conn, &ctx, &guard, &activity, false, goaway_due).await;
+            drive(conn, &ctx, &guard, &activity, false, shutdown).await;
         }
         _ => {
             let conn = ctx.http1.serve_connection(io, service).with_upgrades();
-            // Busy HTTP/1 connections close through `Connection: close`; the
-            // idle ones are left alone until the window ends.
-            drive(
-                conn,
-                &ctx,
-                &guard,
-                &activity,
-                true,
-                tokens.stop_accepting.cancelled(),
-            )
-            .await;
+            drive(conn, &ctx, &guard, &activity, true, shutdown).await;
         }
-    }
-}
-
-/// When an HTTP/2 connection gets its GOAWAY: from the start of the drain, as
-/// soon as it carries a request; at the end of the window if it never does.
-///
-/// Never before its first request: a client (a load balancer that picked this
-/// replica a moment before it saw /ready fail) that receives GOAWAY right after
-/// the handshake may not use the connection at all, and its retry may find
-/// the listener closed. Once a request has arrived, hyper's two-phase GOAWAY
-/// (RFC 9113 §6.8) still processes every stream sent before the client saw it.
-async fn h2_goaway_due(tokens: &DrainTokens, activity: &ConnActivity) {
-    tokens.draining.cancelled().await;
-    tokio::select! {
-        () = activity.first_request() => {}
-        () = tokens.stop_accepting.cancelled() => {}
     }
 }
 

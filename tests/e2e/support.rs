@@ -315,6 +315,29 @@ pub fn fd_count(pid: i32) -> (usize, usize) {
     (total, sockets)
 }
 
+/// Established TCP connections to `remote` (IPv4), from /proc/net/tcp: for a
+/// pod's app address these are its lameduck's pooled upstream connections.
+pub fn established_to(remote: SocketAddr) -> usize {
+    let SocketAddr::V4(v4) = remote else {
+        panic!("established_to handles IPv4 only, got {remote}");
+    };
+    // /proc/net/tcp writes the address as the little-endian u32 in hex, then the port.
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() > 3 && cols[2] == want && cols[3] == "01"
+        })
+        .count()
+}
+
 /// `lameduck demo-app` on a fixed address.
 pub struct DemoApp {
     child: Option<Child>,
