@@ -369,8 +369,16 @@ fn rolling_requests_longer_than_the_lame_duck_window_finish() {
             front: Front::Http1,
             proto: ClientProto::H1KeepAlive,
             pod_extra: vec!["--drain-delay", "1s"],
-            // 4 workers loop on 3 s requests, 4 on fast ones.
-            jobs: vec![Job::slow(3000), Job::root()],
+            // 6 workers loop on 3 s requests, 2 on fast ones. HAProxy's
+            // round-robin alternates the first 8 requests between the pods,
+            // so at least 2 slow ones are in flight on pod A at SIGTERM (with
+            // 4 slow workers all of them could land on B: seen once).
+            jobs: vec![
+                Job::slow(3000),
+                Job::slow(3000),
+                Job::slow(3000),
+                Job::root(),
+            ],
             duration: secs(8),
             kill_at: ms(1500),
             max_requests: 60_000,
