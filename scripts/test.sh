@@ -19,7 +19,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 export PATH="$PATH:/usr/sbin"
 
-cargo test --locked --all-targets "$@"
+cargo test --locked --all-targets --no-fail-fast "$@"
 
 # The Kubernetes material: chart lint/render, manifest validation against the
 # API types, and a replay of the rendered pod's deletion against the binary
