@@ -163,6 +163,9 @@ async def main_async(a):
         "pids": after["pids"],
     }
     print(json.dumps(rec, sort_keys=True))
+    per = f"{rec['per_conn_kb']:.2f} KiB/conn" if rec["per_conn_kb"] is not None else "n/a"
+    print(f"  (f) {a.target:<9} {still}/{a.n} open after {open_s:.1f}s, RSS {before['rss_kb']/1024:.1f} -> "
+          f"{after['rss_kb']/1024:.1f} MiB, {per}", file=sys.stderr)
 
 
 def main():

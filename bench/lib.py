@@ -31,8 +31,10 @@ def _children_map():
         except OSError:
             continue
         # comm may contain spaces/parens: split after the last ')'
-        rest = s[s.rindex(")") + 2:].split()
-        ppid = int(rest[1])
+        try:
+            ppid = int(s[s.rindex(")") + 2:].split()[1])
+        except (ValueError, IndexError):  # the process exited while we read it
+            continue
         kids.setdefault(ppid, []).append(int(d))
     return kids
 
@@ -57,9 +59,12 @@ def cpu_ticks(pids):
                 s = f.read()
         except OSError:
             continue
-        rest = s[s.rindex(")") + 2:].split()
-        # fields 14 and 15 of stat = index 11, 12 after the comm
-        total += int(rest[11]) + int(rest[12])
+        try:
+            rest = s[s.rindex(")") + 2:].split()
+            # fields 14 and 15 of stat = index 11, 12 after the comm
+            total += int(rest[11]) + int(rest[12])
+        except (ValueError, IndexError):
+            continue
     return total
 
 
@@ -77,6 +82,24 @@ def mem(pids):
         except OSError:
             pass
     return {"rss_kb": rss, "hwm_kb": hwm, "pids": ps}
+
+
+def sysmark(root):
+    """'STAT OURS' in clock ticks: user+nice+system of the whole machine (/proc/stat), and
+    utime+stime of ROOT and its live descendants plus ROOT's reaped children (cutime+cstime).
+    The difference of the deltas between two marks is CPU used by processes that are not
+    part of the benchmark (e.g. a compiler running at the same time)."""
+    with open("/proc/stat") as f:
+        cpu = f.readline().split()
+    stat = int(cpu[1]) + int(cpu[2]) + int(cpu[3])
+    ours = cpu_ticks([root])
+    try:
+        with open(f"/proc/{root}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        ours += int(rest[13]) + int(rest[14])
+    except (OSError, ValueError, IndexError):
+        pass
+    return stat, ours
 
 
 def busy():
@@ -148,7 +171,10 @@ def parse_oha(text):
     codes = j.get("statusCodeDistribution", {}) or {}
     ok = sum(v for k, v in codes.items() if str(k).startswith("2"))
     total = sum(codes.values())
-    errs = sum((j.get("errorDistribution") or {}).values())
+    # requests still in flight when -z expires are reported as "aborted due to deadline":
+    # an artefact of stopping, not a failure of the target
+    errd = {k: v for k, v in (j.get("errorDistribution") or {}).items() if "deadline" not in k}
+    errs = sum(errd.values())
     dur = s.get("total") or 0.0
 
     def ms(key):
@@ -160,7 +186,7 @@ def parse_oha(text):
         "requests": total,
         "ok": ok,
         "errors": errs + (total - ok),
-        "err_detail": j.get("errorDistribution") or {},
+        "err_detail": errd,
         "rps": ok / dur if dur else 0.0,
         "p50_ms": ms("p50"),
         "p99_ms": ms("p99"),
@@ -192,7 +218,33 @@ def cmd_parse(tool, path, kvs):
         sys.stderr.write(f"bench: could not parse {tool} output {path}: {e}\n")
     if "cpu0" in rec and "cpu1" in rec:
         rec["cpu_s"] = (rec["cpu1"] - rec["cpu0"]) / CLK_TCK
+    if isinstance(rec.get("up0"), int) and isinstance(rec.get("up1"), int):
+        # minus the connection of the second stub_status query itself
+        rec["upstream_conns"] = rec["up1"] - rec["up0"] - 1
+    try:
+        (s0, o0), (s1, o1) = (map(int, str(rec.pop(k)).split(":")) for k in ("mark0", "mark1"))
+    except (KeyError, ValueError):
+        s0 = None
+    if s0 is not None:
+        bg = max(0, (s1 - s0) - (o1 - o0)) / CLK_TCK
+        rec["bg_cpu_s"] = bg
+        dur = rec.get("duration_s") or 0
+        rec["bg_cores"] = round(bg / dur, 3) if dur else None
+        # "busy": something outside the benchmark used > 10% of a core during the run
+        rec["busy"] = (f"{rec['bg_cores']:.2f} cores of other load ({rec.get('hogs') or 'unknown'})"
+                       if rec["bg_cores"] and rec["bg_cores"] > 0.10 else "")
     print(json.dumps(rec, sort_keys=True))
+    # progress line for the terminal
+    if "parse_error" not in rec:
+        what = f"{rec['mbps']:,.0f} MB/s" if rec.get("workload") == "big" else f"{rec.get('rps', 0):,.0f} req/s"
+        if rec.get("workload") == "rate":
+            what += f", p50/p99/p99.9 {rec.get('p50_ms') or 0:.2f}/{rec.get('p99_ms') or 0:.2f}/{rec.get('p999_ms') or 0:.2f} ms"
+        extra = f", {rec['errors']} errors" if rec.get("errors") else ""
+        if rec.get("upstream_conns") is not None:
+            extra += f", {rec['upstream_conns']:,} upstream conns"
+        busy = f"  [{rec['busy']}]" if rec.get("busy") else ""
+        sys.stderr.write(f"  r{rec.get('round')} {rec.get('workload', ''):<6} {rec.get('target', ''):<9} {what}, "
+                         f"proxy CPU {rec.get('cpu_s', 0):.2f}s{extra}{busy}\n")
 
 
 # ----------------------------------------------------------------------------- report
@@ -232,6 +284,8 @@ def fmt_num(v, kind):
         return f"{v:.2f}"
     if kind == "int":
         return f"{v:,.0f}"
+    if kind == "conns":
+        return f"{v:,.1f}" if v >= 1 else f"{v:.3f}"
     return str(v)
 
 
@@ -254,9 +308,10 @@ def build_rows(recs, meta):
     def per_target(workload, fn):
         out = {}
         for t in targets:
-            vals = [fn(r) for r in runs if r["target"] == t and r["workload"] == workload
-                    and "parse_error" not in r]
-            out[t] = med(vals)
+            rs = [r for r in runs if r["target"] == t and r["workload"] == workload and "parse_error" not in r]
+            # runs disturbed by other load on the machine count only if there is no clean one
+            clean = [r for r in rs if not r.get("busy")]
+            out[t] = med([fn(r) for r in (clean or rs)])
         return out
 
     def cpu_per_100k(r):
@@ -290,6 +345,15 @@ def build_rows(recs, meta):
             rows.append((f"CPU s per 100k req, {label}", "cpu", "low", per_target(w, cpu_per_100k)))
     if "big" in wl:
         rows.append(("CPU s per GB, (d)", "cpu", "low", per_target("big", cpu_per_gb)))
+
+    def conns_per_1k(r):
+        if r.get("upstream_conns") is None or not r.get("requests"):
+            return None
+        return r["upstream_conns"] / r["requests"] * 1000
+
+    for w, label in (("h1", "(a)"), ("close", "(b)"), ("h2", "(c)"), ("rate", "(g)")):
+        if w in wl:
+            rows.append((f"upstream conns opened per 1k req, {label}", "conns", "low", per_target(w, conns_per_1k)))
 
     mems = [r for r in recs if r.get("kind") == "mem"]
 
@@ -333,11 +397,11 @@ def cmd_report(results_path, meta_path):
     targets, rows = build_rows(recs, meta)
     out = []
     w = out.append
-    quick = " — QUICK run (1 round, short)" if meta.get("quick") else ""
+    quick = " — QUICK run (smoke-test settings, not for quoting)" if meta.get("quick") else ""
     w(f"## lameduck benchmark{quick}")
     w("")
-    w(f"{meta['date']} · {meta['rounds']} round(s) × {meta['duration']}s per run · medians over rounds · "
-      f"targets in round-robin order per round")
+    w(f"{meta['date']} · {meta['rounds']} round(s) × {meta['duration']}s per run · medians over rounds "
+      f"(undisturbed ones) · target order rotated every round")
     w("")
     w("| figure | " + " | ".join(targets) + " |")
     w("|---|" + "---:|" * len(targets))
@@ -361,7 +425,7 @@ def cmd_report(results_path, meta_path):
         w("| figure | " + " | ".join(heads) + " |")
         w("|---|" + "---:|" * len(heads))
         for label, kind, better, vals, *_ in rows:
-            if kind == "int":
+            if kind in ("int", "conns"):
                 continue
             pv = [vals.get(p) for p in peers if vals.get(p) is not None]
             best = (max(pv) if better == "high" else min(pv)) if pv else None
@@ -376,20 +440,39 @@ def cmd_report(results_path, meta_path):
 
     drains = [r for r in recs if r.get("kind") == "drain"]
     if drains:
+        desc = {
+            "ready": "--drain-delay 2s, no connections; /ready polled in a tight loop",
+            "tcp-1": "--mode tcp, 1 idle connection, client closes it {hold} s after SIGTERM",
+            "http-1": "1 idle keep-alive connection",
+            "http-10k": "{n:,} idle keep-alive connections",
+            "tcp-10k": "--mode tcp, {n:,} idle connections, client closes them {hold} s after SIGTERM",
+        }
+
+        def ms(v):
+            return "–" if v is None else (f"{v:.2f} ms" if v < 100 else f"{v:,.0f} ms")
+
         w("### lameduck drain timings")
         w("")
-        w("| scenario | figure | value |")
-        w("|---|---|---:|")
+        w("Drain runs other than `ready` use `--drain-delay 0s --drain-timeout 30s --metrics-linger 0s`.")
+        w("")
+        w("| scenario | SIGTERM → /ready 503 | SIGTERM → last conn closed by lameduck | last conn closed → exit "
+          "| SIGTERM → exit | closed by lameduck / by client | outcome (exit code) |")
+        w("|---|---:|---:|---:|---:|---:|---|")
         for d in drains:
-            for k, label in d.get("figures", []):
-                v = d.get(k)
-                if v is None:
-                    cell = "–"
-                elif isinstance(v, float):
-                    cell = f"{v:.2f} ms" if k.endswith("_ms") else f"{v:.2f}"
-                else:
-                    cell = str(v)
-                w(f"| {d['scenario']} | {label} | {cell} |")
+            sc = d["scenario"]
+            what = desc.get(sc, "").format(n=d.get("n") or 0, hold=meta.get("drain_hold", 1))
+            if d.get("error") and not d.get("figures"):
+                w(f"| {sc}: {what} | error: {d['error']} | | | | | |")
+                continue
+            ready = ms(d.get("sigterm_to_ready_503_ms")) if sc == "ready" else ""
+            if sc == "ready" and d.get("log_sigterm_to_draining_ms") is not None:
+                ready += f" (log: {ms(d['log_sigterm_to_draining_ms'])})"
+            closed = (f"{d.get('closed_by_proxy', 0):,} / {d.get('closed_by_client', 0):,}"
+                      if "closed_by_proxy" in d else "")
+            outc = f"{d.get('outcome') or '?'} ({d.get('exit_code')})"
+            w(f"| {sc}: {what} | {ready} | {ms(d.get('sigterm_to_last_proxy_close_ms')) if sc != 'ready' else ''} "
+              f"| {ms(d.get('last_close_to_exit_ms')) if sc != 'ready' else ''} | {ms(d.get('sigterm_to_exit_ms'))} "
+              f"| {closed} | {outc} |")
         w("")
 
     # problems worth surfacing
@@ -405,14 +488,28 @@ def cmd_report(results_path, meta_path):
             notes.append(f"idle {r['target']}: {r['failed']} of {r['n']} connections failed to open")
         if r.get("kind") == "drain" and r.get("error"):
             notes.append(f"drain {r['scenario']}: {r['error']}")
+        if r.get("kind") == "drain" and r.get("limited_by_nofile"):
+            notes.append(f"drain {r['scenario']}: ran with {r['n']:,} connections, not more: --mode tcp needs "
+                         f"2 fds per connection and RLIMIT_NOFILE is {r['limited_by_nofile']:,} here")
+        if r.get("kind") == "drain" and r.get("failed"):
+            notes.append(f"drain {r['scenario']}: {r['failed']} of {r['n']} connections failed to open "
+                         f"(the scenario ran with {r.get('opened')})")
         if r.get("kind") == "note":
             notes.append(r["text"])
     runs = [r for r in recs if r.get("kind") == "run"]
+    discarded = [r for r in recs if r.get("kind") == "discarded"]
+    if discarded:
+        notes.append(f"{len(discarded)} load run(s) were disturbed by other load on the machine and run "
+                     f"again; the re-run is what counts.")
     busy_runs = [r for r in runs if r.get("busy")]
     if busy_runs:
-        hogs = sorted({h for r in busy_runs for h in str(r["busy"]).split()})
-        notes.append(f"{len(busy_runs)} of {len(runs)} load runs started while other CPU-heavy processes "
-                     f"were running ({', '.join(hogs)}): those numbers are depressed/noisy.")
+        notes.append("Runs disturbed by other load are left out of the medians wherever the same "
+                     "target/workload has an undisturbed run in another round.")
+        hogs = sorted({h for r in busy_runs for h in str(r.get("hogs") or "").split()})
+        worst = max(r.get("bg_cores") or 0 for r in busy_runs)
+        notes.append(f"{len(busy_runs)} of {len(runs)} load runs had other load on the machine (> 0.1 core, "
+                     f"up to {worst:.2f} cores; seen: {', '.join(hogs) or 'unknown'}): those numbers are "
+                     f"depressed/noisy. Per-run figures are in results.jsonl (bg_cores).")
     if notes:
         w("### Notes from this run")
         w("")
@@ -448,6 +545,8 @@ def main(argv):
         cmd_report(args[0], args[1])
     elif cmd == "busy":
         print(busy())
+    elif cmd == "sysmark":
+        print("%d:%d" % sysmark(int(args[0])))
     else:
         print(__doc__)
         return 2
