@@ -1050,10 +1050,11 @@ pub async fn metric_or_zero(admin: SocketAddr, series: &str) -> f64 {
     parse_metric(&metrics_text(admin).await, series).unwrap_or(0.0)
 }
 
-/// Polls /metrics until `series` satisfies `pred`; returns the last value.
-pub async fn wait_metric(
+/// Polls /metrics until `read(text)` satisfies `pred`; returns the last value.
+async fn wait_metrics_until(
     admin: SocketAddr,
-    series: &str,
+    what: &str,
+    read: impl Fn(&str) -> Option<f64>,
     pred: impl Fn(f64) -> bool,
     timeout: Duration,
 ) -> f64 {
@@ -1061,20 +1062,27 @@ pub async fn wait_metric(
     let mut last = None;
     loop {
         if let Some((200, text)) = try_get(admin, "/metrics").await {
-            last = parse_metric(&text, series);
-            if let Some(v) = last {
-                if pred(v) {
-                    return v;
-                }
+            last = read(&text);
+            if let Some(v) = last.filter(|v| pred(*v)) {
+                return v;
             }
         }
         if Instant::now() >= deadline {
-            panic!(
-                "metric {series} did not reach the expected value within {timeout:?}; last {last:?}"
-            );
+            panic!("{what} did not reach the expected value within {timeout:?}; last {last:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Polls /metrics until `series` satisfies `pred`; returns the last value.
+pub async fn wait_metric(
+    admin: SocketAddr,
+    series: &str,
+    pred: impl Fn(f64) -> bool,
+    timeout: Duration,
+) -> f64 {
+    let what = format!("metric {series}");
+    wait_metrics_until(admin, &what, |t| parse_metric(t, series), pred, timeout).await
 }
 
 /// Polls /metrics until the sum of all series of `name` satisfies `pred`.
@@ -1084,24 +1092,8 @@ pub async fn wait_metric_sum(
     pred: impl Fn(f64) -> bool,
     timeout: Duration,
 ) -> f64 {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Some((200, text)) = try_get(admin, "/metrics").await {
-            last = parse_metric_sum(&text, name);
-            if let Some(v) = last {
-                if pred(v) {
-                    return v;
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "sum of {name} did not reach the expected value within {timeout:?}; last {last:?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("sum of {name}");
+    wait_metrics_until(admin, &what, |t| parse_metric_sum(t, name), pred, timeout).await
 }
 
 /// Polls /metrics until the sum of all `lameduck_connections_active` series is 0.
