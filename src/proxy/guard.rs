@@ -256,10 +256,6 @@ impl RequestGuard {
     pub fn upstream_failed(&self, kind: crate::metrics::UpstreamErrorKind) {
         self.lifecycle.metrics.upstream_error(kind);
     }
-
-    pub fn lifecycle(&self) -> &Lifecycle {
-        &self.lifecycle
-    }
 }
 
 impl Drop for RequestGuard {

@@ -147,10 +147,6 @@ impl Upstream {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.inner.addr
-    }
-
     /// Used as `Host`/`:authority` when the client sent none.
     pub fn authority(&self) -> &Authority {
         &self.authority
