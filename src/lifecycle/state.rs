@@ -77,28 +77,27 @@ impl Phase {
     }
 }
 
-/// The cancellation tree: `force` ⊃ `stop_accepting` ⊃ `draining`. Cancelling a
-/// token cancels the ones below it, so a forced exit also stops accepting and
-/// counts as draining, without anyone having to remember to cancel all three.
+/// The cancellation tree: `force` ⊃ `stop_accepting`. Cancelling `force`
+/// also cancels `stop_accepting`, so a forced exit closes the listener too
+/// without anyone having to remember both. The start of the drain itself is
+/// not a token: the hot path reads it from the state atomic
+/// ([`Lifecycle::is_draining`]).
 #[derive(Debug, Clone)]
 pub struct DrainTokens {
     /// Cancelled at the deadline or on a second signal: drop what is left.
     pub force: CancellationToken,
-    /// Cancelled when the lame-duck window ends: close the listener and idle connections.
+    /// Cancelled when the lame-duck window ends: close the listener, close idle
+    /// HTTP/1 connections, GOAWAY to HTTP/2 connections.
     pub stop_accepting: CancellationToken,
-    /// Cancelled when the drain starts: GOAWAY to HTTP/2, `Connection: close` to HTTP/1.
-    pub draining: CancellationToken,
 }
 
 impl DrainTokens {
     fn new() -> Self {
         let force = CancellationToken::new();
         let stop_accepting = force.child_token();
-        let draining = stop_accepting.child_token();
         DrainTokens {
             force,
             stop_accepting,
-            draining,
         }
     }
 }
@@ -269,7 +268,6 @@ impl Lifecycle {
         self.metrics
             .drain_started_timestamp
             .set(started_unix.as_secs_f64());
-        self.tokens.draining.cancel();
         tracing::info!(
             state = "draining",
             from = previous.as_str(),
