@@ -13,8 +13,15 @@ use http::{Request, Version};
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Hop-by-hop headers removed whatever their value (`Connection` and `TE`
+/// need their value read first).
+static ALWAYS_HOP_BY_HOP: [HeaderName; 5] = [
+    header::TRANSFER_ENCODING,
+    header::TRAILER,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
 
 /// Longest request id accepted from a client; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 200;
@@ -93,13 +100,7 @@ fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::TRAILER
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+    name == header::CONNECTION || name == header::TE || ALWAYS_HOP_BY_HOP.contains(name)
 }
 
 /// Removes hop-by-hop headers: the fixed set and any named in `Connection`.
@@ -138,11 +139,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::TRAILER);
-    headers.remove(header::UPGRADE);
+    for name in &ALWAYS_HOP_BY_HOP {
+        headers.remove(name);
+    }
 }
 
 /// The peer address as a header value; made once per connection.
