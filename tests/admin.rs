@@ -132,10 +132,7 @@ async fn ready_is_503_while_upstream_is_down_then_200_once_it_listens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_is_200_serving_with_a_healthy_upstream() {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let ld = Lameduck::spawn(&["--upstream", &up]);
-    wait_ready(ld.admin_addr(), secs(10)).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let (status, body) = get(ld.admin_addr(), "/ready").await;
     assert_eq!((status, body.as_str()), (200, "serving\n"));
     ld.wait_for_state_log("serving", secs(2)).await;
@@ -143,10 +140,7 @@ async fn ready_is_200_serving_with_a_healthy_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_every_contract_family_as_prometheus_text() {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let ld = Lameduck::spawn(&["--upstream", &up]);
-    wait_ready(ld.admin_addr(), secs(10)).await;
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let r = http_get(ld.proxy_addr(), "/").await;
     assert_eq!(r.status, 200);
 
@@ -176,11 +170,8 @@ async fn metrics_expose_every_contract_family_as_prometheus_text() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_report_state_build_info_and_counted_requests() {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let ld = Lameduck::spawn(&["--upstream", &up]);
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let admin = ld.admin_addr();
-    wait_ready(admin, secs(10)).await;
     for _ in 0..3 {
         assert_eq!(http_get(ld.proxy_addr(), "/").await.status, 200);
     }
@@ -233,18 +224,9 @@ async fn metrics_report_state_build_info_and_counted_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_drain_returns_202_and_ready_flips_to_503() {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut ld = Lameduck::spawn(&[
-        "--upstream",
-        &up,
-        "--drain-delay",
-        "1s",
-        "--drain-timeout",
-        "5s",
-    ]);
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "5s"]).await;
     let admin = ld.admin_addr();
-    wait_ready(admin, secs(10)).await;
 
     let (status, body) = post(admin, "/drain").await;
     assert_eq!(status, 202, "POST /drain: {body:?}");
@@ -270,11 +252,8 @@ async fn post_drain_returns_202_and_ready_flips_to_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_on_drain_is_405_and_does_not_drain() {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut ld = Lameduck::spawn(&["--upstream", &up]);
+    let (_app, mut ld) = app_behind_lameduck(&[]).await;
     let admin = ld.admin_addr();
-    wait_ready(admin, secs(10)).await;
     let (status, _) = get(admin, "/drain").await;
     assert_eq!(status, 405);
     let (status, body) = get(admin, "/ready").await;
@@ -284,18 +263,9 @@ async fn get_on_drain_is_405_and_does_not_drain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_reports_state_and_drain_times() {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut ld = Lameduck::spawn(&[
-        "--upstream",
-        &up,
-        "--drain-delay",
-        "1s",
-        "--drain-timeout",
-        "4s",
-    ]);
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "1s", "--drain-timeout", "4s"]).await;
     let admin = ld.admin_addr();
-    wait_ready(admin, secs(10)).await;
 
     let resp = http_get(admin, "/status").await;
     assert_eq!(resp.status, 200);
@@ -347,11 +317,8 @@ async fn status_json_reports_state_and_drain_times() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_times_out_with_504_while_serving() {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let ld = Lameduck::spawn(&["--upstream", &up]);
+    let (_app, ld) = app_behind_lameduck(&[]).await;
     let admin = ld.admin_addr();
-    wait_ready(admin, secs(10)).await;
     let start = Instant::now();
     let (status, body) = get(admin, "/drained?timeout=200ms").await;
     let took = start.elapsed();
@@ -361,20 +328,16 @@ async fn drained_times_out_with_504_while_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_returns_200_json_summary_once_drained() {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut ld = Lameduck::spawn(&[
-        "--upstream",
-        &up,
+    let (_app, mut ld) = app_behind_lameduck(&[
         "--drain-delay",
         "1s",
         "--drain-timeout",
         "5s",
         "--metrics-linger",
         "3s",
-    ]);
+    ])
+    .await;
     let admin = ld.admin_addr();
-    wait_ready(admin, secs(10)).await;
 
     let waiter = tokio::spawn(async move {
         let start = Instant::now();
@@ -427,19 +390,15 @@ async fn drained_returns_200_json_summary_once_drained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_linger_is_capped_by_the_drain_deadline() {
-    let app = TestApp::start().await;
-    let up = app.addr.to_string();
-    let mut ld = Lameduck::spawn(&[
-        "--upstream",
-        &up,
+    let (_app, mut ld) = app_behind_lameduck(&[
         "--drain-delay",
         "1s",
         "--drain-timeout",
         "2s",
         "--metrics-linger",
         "15s",
-    ]);
-    wait_ready(ld.admin_addr(), secs(10)).await;
+    ])
+    .await;
     let t = Instant::now();
     ld.signal(nix::sys::signal::Signal::SIGTERM);
     // Drained after the 1s window; /metrics is still served while lingering.
