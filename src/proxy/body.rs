@@ -86,6 +86,8 @@ impl Body for ProxyBody {
             // hyper stops polling once `is_end_stream` is true (a body with a
             // Content-Length), so the last data frame is the end too.
             Poll::Ready(Some(Ok(_))) if this.is_end_stream() => this.finish(),
+            // Trailers are the last frame, and hyper reads nothing after them.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.finish(),
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 // A body that failed half-way leaves the connection unusable.
