@@ -1,0 +1,740 @@
+//! Finds where an HTTP/1.1 chunked message body ends (RFC 9112 §7.1) without
+//! decoding it, so the proxy can forward the body bytes verbatim and still know
+//! when the message is complete and where the next one begins.
+//!
+//! Line endings must be exactly CRLF. A bare LF, or a CR followed by anything
+//! but LF, is an error rather than being tolerated: if lameduck accepted a line
+//! ending that the upstream reads differently, the two would disagree about
+//! where the body ends, and the bytes in between could be smuggled through as
+//! a separate request.
+//!
+//! Only the framing (size lines, the CRLF after each chunk's data, trailers) is
+//! examined byte by byte; chunk data is skipped in bulk. The scanner keeps a few
+//! words of state and never allocates, so input may be split anywhere.
+
+/// Longest chunk-size line accepted, counting the size digits and extensions
+/// but not the CRLF. Bounds the work an endless extension can cause.
+const MAX_SIZE_LINE_LEN: u32 = 4096;
+
+/// Largest trailer section accepted, counting every field line with its CRLF
+/// but not the empty line that ends the section.
+const MAX_TRAILER_SECTION_LEN: u32 = 64 * 1024;
+
+/// Why a chunked body was rejected. Each one leaves the end of the body
+/// unknown, so the connection it arrived on cannot carry another message.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkedError {
+    #[error("chunk-size line does not start with a hex digit (found byte {byte:#04x})")]
+    MissingChunkSize { byte: u8 },
+    #[error("invalid byte {byte:#04x} in chunk size")]
+    InvalidChunkSize { byte: u8 },
+    #[error("chunk size does not fit in 64 bits")]
+    ChunkSizeOverflow,
+    #[error("chunk-size line longer than {max} bytes", max = MAX_SIZE_LINE_LEN)]
+    SizeLineTooLong,
+    #[error("invalid byte {byte:#04x} in chunk extension")]
+    InvalidExtensionByte { byte: u8 },
+    #[error("chunk data not followed by CRLF")]
+    MissingCrlfAfterData,
+    #[error("bare LF where CRLF is required")]
+    BareLf,
+    #[error("CR not followed by LF")]
+    CrWithoutLf,
+    #[error("trailer section larger than {max} bytes", max = MAX_TRAILER_SECTION_LEN)]
+    TrailerTooLarge,
+    #[error("invalid byte {byte:#04x} in trailer section")]
+    InvalidTrailerByte { byte: u8 },
+}
+
+/// Where the scanner is in the chunked grammar; each state names what the
+/// next byte is expected to be.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// The first hex digit of a chunk size.
+    #[default]
+    SizeStart,
+    /// More hex digits, whitespace, `;` or the CR ending the size line.
+    Size,
+    /// Whitespace after the size: more of it, `;` or CR.
+    SizeWhitespace,
+    /// Chunk extensions, up to the CR ending the size line.
+    Extension,
+    /// The LF ending the size line.
+    SizeLf,
+    /// Chunk data; `chunk_remaining` bytes of it are left.
+    Data,
+    /// The CR after chunk data.
+    DataCr,
+    /// The LF after chunk data.
+    DataLf,
+    /// A trailer field line, or the CR of the empty line ending the body.
+    TrailerLineStart,
+    /// The rest of a trailer field line, up to its CR.
+    TrailerLine,
+    /// The LF ending a trailer field line.
+    TrailerLf,
+    /// The LF of the empty line ending the body.
+    FinalLf,
+    /// The body has ended.
+    Done,
+    /// The body is malformed; where it ends cannot be known.
+    Failed(ChunkedError),
+}
+
+/// Tracks a chunked body across reads and reports where it ends.
+#[derive(Debug, Default)]
+pub struct ChunkedScanner {
+    state: State,
+    /// The chunk size while its line is parsed, then the data bytes left.
+    chunk_remaining: u64,
+    /// Bytes of the current chunk-size line so far, excluding CRLF.
+    size_line_len: u32,
+    /// Bytes of the trailer section so far.
+    trailer_len: u32,
+}
+
+impl ChunkedScanner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Scans the next bytes of the body. Returns how many bytes of `input` belong to the body:
+    /// `input.len()` if the body has not ended yet, or the index just past the final CRLF
+    /// (after the trailer section) once it ends; from then on `is_done()` is true.
+    /// Bytes after that index belong to the next message and must not be consumed.
+    /// Calling scan after done returns Ok(0).
+    ///
+    /// After an error every call returns the same error: the end of a malformed
+    /// body is unknowable, so the connection cannot be reused.
+    pub fn scan(&mut self, input: &[u8]) -> Result<usize, ChunkedError> {
+        match self.state {
+            State::Done => return Ok(0),
+            State::Failed(error) => return Err(error),
+            _ => {}
+        }
+        let result = self.scan_unfinished(input);
+        if let Err(error) = result {
+            self.state = State::Failed(error);
+        }
+        result
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn scan_unfinished(&mut self, input: &[u8]) -> Result<usize, ChunkedError> {
+        let mut pos = 0;
+        while pos < input.len() {
+            if self.state == State::Data {
+                // The hot path: skip as much chunk data as this input holds.
+                let available = (input.len() - pos) as u64;
+                let skipped = self.chunk_remaining.min(available);
+                self.chunk_remaining -= skipped;
+                // `skipped <= available`, which came from a usize.
+                pos += skipped as usize;
+                if self.chunk_remaining == 0 {
+                    self.state = State::DataCr;
+                }
+                continue;
+            }
+            let byte = input[pos];
+            pos += 1;
+            self.state = self.next_state(byte)?;
+            if self.state == State::Done {
+                return Ok(pos);
+            }
+        }
+        Ok(input.len())
+    }
+
+    /// The state after one framing byte.
+    fn next_state(&mut self, byte: u8) -> Result<State, ChunkedError> {
+        use ChunkedError::*;
+        let next = match self.state {
+            State::SizeStart => {
+                let digit = hex_value(byte).ok_or(MissingChunkSize { byte })?;
+                self.chunk_remaining = u64::from(digit);
+                self.size_line_len = 1;
+                State::Size
+            }
+            State::Size => match byte {
+                b'\r' => State::SizeLf,
+                b'\n' => return Err(BareLf),
+                b' ' | b'\t' => {
+                    self.extend_size_line()?;
+                    State::SizeWhitespace
+                }
+                b';' => {
+                    self.extend_size_line()?;
+                    State::Extension
+                }
+                _ => {
+                    let digit = hex_value(byte).ok_or(InvalidChunkSize { byte })?;
+                    // Leading zeros are bounded only by the line length; the
+                    // overflow check caps significant digits at 16.
+                    self.extend_size_line()?;
+                    if self.chunk_remaining > u64::MAX >> 4 {
+                        return Err(ChunkSizeOverflow);
+                    }
+                    self.chunk_remaining = self.chunk_remaining << 4 | u64::from(digit);
+                    State::Size
+                }
+            },
+            // Whitespace without a following `;` is outside the grammar, but
+            // senders pad sizes with it and the CR still ends the line
+            // unambiguously.
+            State::SizeWhitespace => match byte {
+                b'\r' => State::SizeLf,
+                b'\n' => return Err(BareLf),
+                b' ' | b'\t' => {
+                    self.extend_size_line()?;
+                    State::SizeWhitespace
+                }
+                b';' => {
+                    self.extend_size_line()?;
+                    State::Extension
+                }
+                _ => return Err(InvalidChunkSize { byte }),
+            },
+            // Extensions are forwarded, not interpreted, so any visible byte,
+            // space, HTAB or obs-text is accepted; control bytes are not.
+            State::Extension => match byte {
+                b'\r' => State::SizeLf,
+                b'\n' => return Err(BareLf),
+                b'\t' | b' '..=b'~' | 0x80..=0xff => {
+                    self.extend_size_line()?;
+                    State::Extension
+                }
+                _ => return Err(InvalidExtensionByte { byte }),
+            },
+            State::SizeLf => match byte {
+                b'\n' if self.chunk_remaining == 0 => {
+                    self.trailer_len = 0;
+                    State::TrailerLineStart
+                }
+                b'\n' => State::Data,
+                _ => return Err(CrWithoutLf),
+            },
+            // `scan_unfinished` skips data in bulk and never gets here; stepping
+            // through it one byte at a time would still be correct.
+            State::Data => {
+                self.chunk_remaining -= 1;
+                if self.chunk_remaining == 0 {
+                    State::DataCr
+                } else {
+                    State::Data
+                }
+            }
+            State::DataCr => match byte {
+                b'\r' => State::DataLf,
+                _ => return Err(MissingCrlfAfterData),
+            },
+            State::DataLf => match byte {
+                b'\n' => State::SizeStart,
+                _ => return Err(MissingCrlfAfterData),
+            },
+            State::TrailerLineStart => match byte {
+                b'\r' => State::FinalLf,
+                _ => {
+                    self.extend_trailer_line(byte)?;
+                    State::TrailerLine
+                }
+            },
+            State::TrailerLine => match byte {
+                b'\r' => {
+                    self.count_trailer_byte()?;
+                    State::TrailerLf
+                }
+                _ => {
+                    self.extend_trailer_line(byte)?;
+                    State::TrailerLine
+                }
+            },
+            State::TrailerLf => match byte {
+                b'\n' => {
+                    self.count_trailer_byte()?;
+                    State::TrailerLineStart
+                }
+                _ => return Err(CrWithoutLf),
+            },
+            State::FinalLf => match byte {
+                b'\n' => State::Done,
+                _ => return Err(CrWithoutLf),
+            },
+            // `scan` returns before stepping in these states.
+            State::Done | State::Failed(_) => self.state,
+        };
+        Ok(next)
+    }
+
+    fn extend_size_line(&mut self) -> Result<(), ChunkedError> {
+        self.size_line_len += 1;
+        if self.size_line_len > MAX_SIZE_LINE_LEN {
+            return Err(ChunkedError::SizeLineTooLong);
+        }
+        Ok(())
+    }
+
+    /// Accepts one byte of a trailer field line other than its CR. Field
+    /// syntax is left to the upstream; only bytes that could be read as a line
+    /// ending or a string terminator are rejected.
+    fn extend_trailer_line(&mut self, byte: u8) -> Result<(), ChunkedError> {
+        match byte {
+            b'\n' => Err(ChunkedError::BareLf),
+            0 => Err(ChunkedError::InvalidTrailerByte { byte }),
+            _ => self.count_trailer_byte(),
+        }
+    }
+
+    fn count_trailer_byte(&mut self) -> Result<(), ChunkedError> {
+        self.trailer_len += 1;
+        if self.trailer_len > MAX_TRAILER_SECTION_LEN {
+            return Err(ChunkedError::TrailerTooLarge);
+        }
+        Ok(())
+    }
+}
+
+fn hex_value(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'a'..=b'f' => Some(byte - b'a' + 10),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    /// Scans `input` in one call with a fresh scanner.
+    fn scan_whole(input: &[u8]) -> (Result<usize, ChunkedError>, bool) {
+        let mut scanner = ChunkedScanner::new();
+        let outcome = scanner.scan(input);
+        (outcome, scanner.is_done())
+    }
+
+    /// Scans `input` in pieces cut at `cuts` (any order, duplicates allowed),
+    /// checking the per-call contract. Returns the total consumed or the first
+    /// error, and whether the scanner ended done.
+    fn scan_in_pieces(input: &[u8], cuts: &[Index]) -> (Result<usize, ChunkedError>, bool) {
+        let mut bounds: Vec<usize> = cuts.iter().map(|cut| cut.index(input.len() + 1)).collect();
+        bounds.push(0);
+        bounds.push(input.len());
+        bounds.sort_unstable();
+        let mut scanner = ChunkedScanner::new();
+        let mut consumed = 0;
+        for piece in bounds.windows(2).map(|w| &input[w[0]..w[1]]) {
+            let was_done = scanner.is_done();
+            match scanner.scan(piece) {
+                Ok(n) => {
+                    if was_done {
+                        assert_eq!(n, 0, "consumed bytes after the end");
+                    }
+                    assert!(n == piece.len() || scanner.is_done(), "stopped early");
+                    consumed += n;
+                }
+                Err(error) => {
+                    assert_eq!(scanner.scan(b"0\r\n\r\n"), Err(error), "error not sticky");
+                    return (Err(error), false);
+                }
+            }
+        }
+        (Ok(consumed), scanner.is_done())
+    }
+
+    fn scan_err(input: &[u8]) -> ChunkedError {
+        scan_whole(input).0.expect_err("body should be rejected")
+    }
+
+    #[test]
+    fn simple_body() {
+        assert_eq!(scan_whole(b"5\r\nhello\r\n0\r\n\r\n"), (Ok(15), true));
+    }
+
+    #[test]
+    fn empty_body() {
+        assert_eq!(scan_whole(b"0\r\n\r\n"), (Ok(5), true));
+        assert_eq!(scan_whole(b"000\r\n\r\n"), (Ok(7), true));
+    }
+
+    #[test]
+    fn extensions() {
+        let body = b"5;name=value\r\nhello\r\n3 ; a = \"q;\\\"x\" ;b\t\r\nabc\r\n0;last\r\n\r\n";
+        assert_eq!(scan_whole(body), (Ok(body.len()), true));
+        // Padding after the size without an extension.
+        let body = b"5  \r\nhello\r\n0\t\r\n\r\n";
+        assert_eq!(scan_whole(body), (Ok(body.len()), true));
+    }
+
+    #[test]
+    fn trailers() {
+        let body = b"5\r\nhello\r\n0\r\nExpires: never\r\nX-Sum: \xff\t1\r\n\r\n";
+        assert_eq!(scan_whole(body), (Ok(body.len()), true));
+    }
+
+    #[test]
+    fn framing_bytes_inside_data_are_data() {
+        let body = b"a\r\n0\r\n\r\n\n\r\rxy\r\n0\r\n\r\n";
+        assert_eq!(scan_whole(body), (Ok(body.len()), true));
+    }
+
+    #[test]
+    fn next_message_is_not_consumed() {
+        let body = b"5\r\nhello\r\n0\r\n\r\n";
+        let mut input = body.to_vec();
+        input.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(scan_whole(&input), (Ok(body.len()), true));
+    }
+
+    #[test]
+    fn hex_digits_in_either_case() {
+        let data = [b'x'; 0xab];
+        for size in ["ab", "AB", "aB", "00Ab"] {
+            let mut body = format!("{size}\r\n").into_bytes();
+            body.extend_from_slice(&data);
+            body.extend_from_slice(b"\r\n0\r\n\r\n");
+            assert_eq!(scan_whole(&body), (Ok(body.len()), true), "size {size}");
+        }
+    }
+
+    #[test]
+    fn largest_chunk_size_is_accepted() {
+        let mut scanner = ChunkedScanner::new();
+        assert_eq!(scanner.scan(b"0000ffffffffffffffff\r\n"), Ok(22));
+        assert_eq!(scanner.scan(&[0; 1000]), Ok(1000));
+        assert!(!scanner.is_done());
+    }
+
+    #[test]
+    fn missing_digits() {
+        assert_eq!(
+            scan_err(b"\r\n"),
+            ChunkedError::MissingChunkSize { byte: b'\r' }
+        );
+        assert_eq!(
+            scan_err(b";ext\r\n"),
+            ChunkedError::MissingChunkSize { byte: b';' }
+        );
+        assert_eq!(
+            scan_err(b" 5\r\n"),
+            ChunkedError::MissingChunkSize { byte: b' ' }
+        );
+        assert_eq!(
+            scan_err(b"g\r\n"),
+            ChunkedError::MissingChunkSize { byte: b'g' }
+        );
+    }
+
+    #[test]
+    fn bad_hex() {
+        assert_eq!(
+            scan_err(b"5g\r\n"),
+            ChunkedError::InvalidChunkSize { byte: b'g' }
+        );
+        assert_eq!(
+            scan_err(b"0x5\r\n"),
+            ChunkedError::InvalidChunkSize { byte: b'x' }
+        );
+        assert_eq!(
+            scan_err(b"-5\r\n"),
+            ChunkedError::MissingChunkSize { byte: b'-' }
+        );
+        assert_eq!(
+            scan_err(b"5 5\r\n"),
+            ChunkedError::InvalidChunkSize { byte: b'5' }
+        );
+    }
+
+    #[test]
+    fn bare_lf() {
+        assert_eq!(scan_err(b"5\nhello\r\n"), ChunkedError::BareLf);
+        assert_eq!(scan_err(b"5;a\nhello\r\n"), ChunkedError::BareLf);
+        assert_eq!(scan_err(b"0\r\nX: y\n\r\n"), ChunkedError::BareLf);
+        assert_eq!(scan_err(b"0\r\n\n"), ChunkedError::BareLf);
+    }
+
+    #[test]
+    fn cr_without_lf() {
+        assert_eq!(scan_err(b"5\rhello"), ChunkedError::CrWithoutLf);
+        assert_eq!(scan_err(b"0\r\nX: y\rZ"), ChunkedError::CrWithoutLf);
+        assert_eq!(scan_err(b"0\r\n\r\r\n"), ChunkedError::CrWithoutLf);
+    }
+
+    #[test]
+    fn missing_crlf_after_data() {
+        let error = ChunkedError::MissingCrlfAfterData;
+        assert_eq!(scan_err(b"5\r\nhello0\r\n\r\n"), error);
+        assert_eq!(scan_err(b"5\r\nhello\n0\r\n\r\n"), error);
+        assert_eq!(scan_err(b"5\r\nhello\r0\r\n\r\n"), error);
+        assert_eq!(scan_err(b"3\r\nhello\r\n0\r\n\r\n"), error);
+    }
+
+    #[test]
+    fn overflow() {
+        assert_eq!(
+            scan_err(b"10000000000000000\r\n"),
+            ChunkedError::ChunkSizeOverflow
+        );
+        assert_eq!(
+            scan_err(b"fffffffffffffffff\r\n"),
+            ChunkedError::ChunkSizeOverflow
+        );
+    }
+
+    #[test]
+    fn size_line_too_long() {
+        let limit = MAX_SIZE_LINE_LEN as usize;
+        let mut line = b"1;".to_vec();
+        line.resize(limit, b'a');
+        line.extend_from_slice(b"\r\nx\r\n0\r\n\r\n");
+        assert_eq!(scan_whole(&line), (Ok(line.len()), true));
+
+        let mut line = b"1;".to_vec();
+        line.resize(limit + 1, b'a');
+        assert_eq!(scan_err(&line), ChunkedError::SizeLineTooLong);
+
+        let zeros = vec![b'0'; limit + 1];
+        assert_eq!(scan_err(&zeros), ChunkedError::SizeLineTooLong);
+    }
+
+    #[test]
+    fn invalid_extension_byte() {
+        assert_eq!(
+            scan_err(b"5;a\0\r\n"),
+            ChunkedError::InvalidExtensionByte { byte: 0 }
+        );
+        assert_eq!(
+            scan_err(b"5;a\x7f\r\n"),
+            ChunkedError::InvalidExtensionByte { byte: 0x7f }
+        );
+    }
+
+    #[test]
+    fn trailers_too_large() {
+        let limit = MAX_TRAILER_SECTION_LEN as usize;
+        // One field line of exactly the limit, CRLF included, is accepted.
+        let mut body = b"0\r\nX: ".to_vec();
+        body.resize(3 + limit - 2, b'v');
+        body.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(scan_whole(&body), (Ok(body.len()), true));
+
+        let mut body = b"0\r\nX: ".to_vec();
+        body.resize(3 + limit - 1, b'v');
+        body.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(scan_err(&body), ChunkedError::TrailerTooLarge);
+
+        // The limit is on the whole section, not each line.
+        let mut body = b"0\r\n".to_vec();
+        while body.len() <= limit + 3 {
+            body.extend_from_slice(b"X-Field: value\r\n");
+        }
+        body.extend_from_slice(b"\r\n");
+        assert_eq!(scan_err(&body), ChunkedError::TrailerTooLarge);
+    }
+
+    #[test]
+    fn invalid_trailer_byte() {
+        assert_eq!(
+            scan_err(b"0\r\nX: a\0b\r\n\r\n"),
+            ChunkedError::InvalidTrailerByte { byte: 0 }
+        );
+    }
+
+    #[test]
+    fn scan_after_done_returns_zero() {
+        let mut scanner = ChunkedScanner::new();
+        assert_eq!(scanner.scan(b"0\r\n\r\n"), Ok(5));
+        assert!(scanner.is_done());
+        assert_eq!(scanner.scan(b"5\r\nhello\r\n"), Ok(0));
+        assert_eq!(scanner.scan(b""), Ok(0));
+        assert!(scanner.is_done());
+    }
+
+    #[test]
+    fn errors_are_sticky() {
+        let mut scanner = ChunkedScanner::new();
+        assert_eq!(scanner.scan(b"5\nx"), Err(ChunkedError::BareLf));
+        assert_eq!(scanner.scan(b"0\r\n\r\n"), Err(ChunkedError::BareLf));
+        assert!(!scanner.is_done());
+    }
+
+    #[test]
+    fn byte_at_a_time() {
+        let body = b"5;e=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nT: v\r\n\r\nnext";
+        let body_len = body.len() - b"next".len();
+        let mut scanner = ChunkedScanner::new();
+        let mut consumed = 0;
+        for byte in body {
+            consumed += scanner.scan(std::slice::from_ref(byte)).unwrap();
+            assert_eq!(scanner.is_done(), consumed == body_len);
+        }
+        assert_eq!(consumed, body_len);
+    }
+
+    #[test]
+    fn error_messages() {
+        assert_eq!(
+            ChunkedError::InvalidChunkSize { byte: b'g' }.to_string(),
+            "invalid byte 0x67 in chunk size"
+        );
+        assert_eq!(
+            ChunkedError::SizeLineTooLong.to_string(),
+            "chunk-size line longer than 4096 bytes"
+        );
+    }
+
+    /// One data chunk as a sender might frame it.
+    #[derive(Debug, Clone)]
+    struct Chunk {
+        data: Vec<u8>,
+        uppercase: bool,
+        leading_zeros: usize,
+        extension: Option<String>,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Body {
+        chunks: Vec<Chunk>,
+        last_chunk_zeros: usize,
+        last_extension: Option<String>,
+        trailers: Vec<String>,
+    }
+
+    impl Body {
+        fn encode(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            for chunk in &self.chunks {
+                let zeros = "0".repeat(chunk.leading_zeros);
+                let size = if chunk.uppercase {
+                    format!("{zeros}{:X}", chunk.data.len())
+                } else {
+                    format!("{zeros}{:x}", chunk.data.len())
+                };
+                out.extend_from_slice(size.as_bytes());
+                out.extend_from_slice(chunk.extension.as_deref().unwrap_or("").as_bytes());
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&chunk.data);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice("0".repeat(self.last_chunk_zeros).as_bytes());
+            out.extend_from_slice(self.last_extension.as_deref().unwrap_or("").as_bytes());
+            out.extend_from_slice(b"\r\n");
+            for trailer in &self.trailers {
+                out.extend_from_slice(trailer.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            out
+        }
+    }
+
+    fn extension() -> impl Strategy<Value = String> {
+        let token = "[!#$%&'*+.^_`|~0-9A-Za-z-]{1,8}";
+        let value = format!("({token}|\"([ !#-\\[\\]-~\t]|\\\\[ -~])*\")");
+        let one = format!("[ \t]{{0,2}};[ \t]{{0,2}}{token}([ \t]{{0,2}}=[ \t]{{0,2}}{value})?");
+        proptest::string::string_regex(&format!("({one}){{1,3}}")).unwrap()
+    }
+
+    fn chunk() -> impl Strategy<Value = Chunk> {
+        (
+            prop::collection::vec(any::<u8>(), 1..300),
+            any::<bool>(),
+            0..3usize,
+            prop::option::of(extension()),
+        )
+            .prop_map(|(data, uppercase, leading_zeros, extension)| Chunk {
+                data,
+                uppercase,
+                leading_zeros,
+                extension,
+            })
+    }
+
+    fn body() -> impl Strategy<Value = Body> {
+        (
+            prop::collection::vec(chunk(), 0..6),
+            1..4usize,
+            prop::option::of(extension()),
+            prop::collection::vec("[A-Za-z0-9-]{1,12}:[ \t]?[ -~\t\u{80}-\u{ff}]{0,40}", 0..4),
+        )
+            .prop_map(
+                |(chunks, last_chunk_zeros, last_extension, trailers)| Body {
+                    chunks,
+                    last_chunk_zeros,
+                    last_extension,
+                    trailers,
+                },
+            )
+    }
+
+    fn cuts() -> impl Strategy<Value = Vec<Index>> {
+        prop::collection::vec(any::<Index>(), 0..8)
+    }
+
+    /// Inputs likely to reach deep into the state machine before failing.
+    fn hostile_input() -> impl Strategy<Value = Vec<u8>> {
+        let framing_bytes: Vec<u8> = b"0123456789abcdefABCDEFgx\r\n\r\n; \t=\"\0\x7f:\xff".to_vec();
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..200),
+            prop::collection::vec(prop::sample::select(framing_bytes), 0..200),
+            (
+                body(),
+                prop::collection::vec((any::<Index>(), any::<u8>()), 1..4)
+            )
+                .prop_map(|(body, edits)| {
+                    let mut bytes = body.encode();
+                    for (at, byte) in edits {
+                        let at = at.index(bytes.len());
+                        bytes[at] = byte;
+                    }
+                    bytes
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn valid_body_ends_exactly(
+            body in body(),
+            next_message in prop::collection::vec(any::<u8>(), 0..64),
+            cuts in cuts(),
+        ) {
+            let encoded = body.encode();
+            let mut input = encoded.clone();
+            input.extend_from_slice(&next_message);
+
+            let mut bounds: Vec<usize> =
+                cuts.iter().map(|cut| cut.index(input.len() + 1)).collect();
+            bounds.push(0);
+            bounds.push(input.len());
+            bounds.sort_unstable();
+            let mut scanner = ChunkedScanner::new();
+            let mut consumed = 0;
+            for piece in bounds.windows(2).map(|w| &input[w[0]..w[1]]) {
+                let n = scanner.scan(piece).unwrap();
+                consumed += n;
+                prop_assert_eq!(scanner.is_done(), consumed == encoded.len());
+                prop_assert!(n == piece.len() || scanner.is_done());
+            }
+            prop_assert_eq!(consumed, encoded.len());
+            prop_assert!(scanner.is_done());
+        }
+
+        #[test]
+        fn split_input_scans_like_whole(input in hostile_input(), cuts in cuts()) {
+            prop_assert_eq!(scan_in_pieces(&input, &cuts), scan_whole(&input));
+        }
+
+        #[test]
+        fn truncated_body_is_incomplete(body in body(), end in any::<Index>(), cuts in cuts()) {
+            let encoded = body.encode();
+            let truncated = &encoded[..end.index(encoded.len())];
+            prop_assert_eq!(scan_in_pieces(truncated, &cuts), (Ok(truncated.len()), false));
+        }
+    }
+}
