@@ -24,7 +24,7 @@ static ALWAYS_HOP_BY_HOP: [HeaderName; 5] = [
 ];
 
 /// Longest request id accepted from a client; longer ones are replaced.
-const MAX_REQUEST_ID_LEN: usize = 200;
+pub const MAX_REQUEST_ID_LEN: usize = 200;
 
 /// Generates request ids: a random per-process prefix and a counter, so ids are
 /// unique across replicas without a random number per request.
@@ -46,13 +46,19 @@ impl RequestIds {
     }
 
     pub fn next(&self) -> HeaderValue {
+        // Only hex digits and '-': always a valid header value.
+        HeaderValue::from_bytes(&self.next_bytes())
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    }
+
+    /// The next id as text, without allocating.
+    pub fn next_bytes(&self) -> [u8; 33] {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 33];
         hex16(self.prefix, &mut buf[..16]);
         buf[16] = b'-';
         hex16(n, &mut buf[17..]);
-        // Only hex digits and '-': always a valid header value.
-        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        buf
     }
 }
 

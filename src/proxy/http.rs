@@ -34,6 +34,7 @@ use tracing::Instrument;
 
 use super::body::ProxyBody;
 use super::guard::{ConnActivity, ConnectionGuard, GaugeGuard, RequestGuard, TimerVerdict};
+use super::h1;
 use super::headers;
 use super::io::{ServerIo, sniff};
 use super::upstream::UpstreamError;
@@ -53,7 +54,7 @@ pub async fn serve_connection(
         // A connection that has not sent a byte yet is idle: close it with the listener.
         () = tokens.stop_accepting.cancelled() => return,
     };
-    let (protocol, io) = match sniffed {
+    let (protocol, mut io) = match sniffed {
         Ok(Ok(Some(sniffed))) => sniffed,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -67,13 +68,45 @@ pub async fn serve_connection(
     };
     guard.set_protocol(protocol);
     let guard = Arc::new(guard);
-    let service = ProxyService(Arc::new(ConnShared {
+    let shared = Arc::new(ConnShared {
         ctx: ctx.clone(),
         peer_value: headers::peer_value(peer.ip()),
         guard: guard.clone(),
         activity: activity.clone(),
         downstream_h2: protocol == Protocol::Http2,
-    }));
+    });
+    if protocol == Protocol::Http1 && !ctx.upstream.is_http2() {
+        // lameduck's own HTTP/1 path; hyper takes over what it does not handle.
+        let (stream, sniffed) = io.into_parts();
+        let served = tokio::select! {
+            handoff = h1::Connection::new(&shared, stream, &sniffed).serve() => handoff,
+            () = tokens.force.cancelled() => {
+                guard.mark_forced();
+                return;
+            }
+        };
+        let Some(handoff) = served else { return };
+        tracing::debug!(reason = handoff.reason, "connection continues on hyper");
+        io = ServerIo::new(handoff.stream, handoff.buffered, activity.clone(), protocol);
+    }
+    let service = ProxyService(shared);
+    // Boxed: the task of every connection is as large as its largest state,
+    // and most connections never get here (see h1).
+    Box::pin(serve_with_hyper(
+        ctx, io, service, guard, activity, protocol,
+    ))
+    .await;
+}
+
+async fn serve_with_hyper(
+    ctx: Arc<ProxyContext>,
+    io: ServerIo,
+    service: ProxyService,
+    guard: Arc<ConnectionGuard>,
+    activity: Arc<ConnActivity>,
+    protocol: Protocol,
+) {
+    let tokens = &ctx.lifecycle.tokens;
     let io = TokioIo::new(io);
     // Busy HTTP/1 connections close through `Connection: close` during the
     // window; HTTP/2 ones and idle HTTP/1 ones get their graceful shutdown
@@ -167,12 +200,12 @@ impl Graceful
 }
 
 /// What every request on one connection shares.
-struct ConnShared {
-    ctx: Arc<ProxyContext>,
+pub struct ConnShared {
+    pub ctx: Arc<ProxyContext>,
     /// The peer's IP as a header value, for `x-forwarded-for`.
-    peer_value: HeaderValue,
+    pub peer_value: HeaderValue,
     guard: Arc<ConnectionGuard>,
-    activity: Arc<ConnActivity>,
+    pub activity: Arc<ConnActivity>,
     downstream_h2: bool,
 }
 
@@ -283,13 +316,23 @@ impl ConnShared {
         request: RequestGuard,
         request_id: HeaderValue,
     ) -> Response<ProxyBody> {
+        self.upstream_failed(&error, &request, &request_id);
+        self.local_response(error.status(), error.client_message(), request, request_id)
+    }
+
+    /// Logs and counts a failed exchange with the app (both HTTP paths).
+    pub fn upstream_failed(
+        &self,
+        error: &UpstreamError,
+        request: &RequestGuard,
+        request_id: &dyn std::fmt::Debug,
+    ) {
         tracing::warn!(request_id = ?request_id, error = %error, "upstream request failed");
         request.upstream_failed(error.kind());
         if matches!(error, UpstreamError::Connect { .. }) {
             // Passive health: readiness fails now, the probe restores it.
             self.ctx.lifecycle.set_upstream_up(false);
         }
-        self.local_response(error.status(), error.client_message(), request, request_id)
     }
 
     fn local_response(

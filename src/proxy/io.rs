@@ -16,12 +16,12 @@ use crate::metrics::Protocol;
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Bytes read during sniffing, replayed before the socket's.
+/// Bytes read before hyper took the connection (while sniffing, or by
+/// lameduck's own HTTP/1 path), replayed before the socket's.
 #[derive(Debug, Default)]
 struct Replay {
-    buf: [u8; 24],
+    buf: Vec<u8>,
     start: usize,
-    end: usize,
 }
 
 pub struct ServerIo {
@@ -38,34 +38,57 @@ pub async fn sniff(
     mut stream: TcpStream,
     activity: Arc<ConnActivity>,
 ) -> io::Result<Option<(Protocol, ServerIo)>> {
-    let mut replay = Replay::default();
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut end = 0;
     loop {
-        let n = stream.read(&mut replay.buf[replay.end..]).await?;
+        let n = stream.read(&mut buf[end..]).await?;
         if n == 0 {
-            if replay.end == 0 {
+            if end == 0 {
                 return Ok(None);
             }
             break;
         }
-        replay.end += n;
-        if replay.end == H2_PREFACE.len() || replay.buf[..replay.end] != H2_PREFACE[..replay.end] {
+        end += n;
+        if end == H2_PREFACE.len() || buf[..end] != H2_PREFACE[..end] {
             break;
         }
     }
-    let protocol = if replay.buf[..replay.end] == H2_PREFACE[..] {
+    let protocol = if buf[..end] == H2_PREFACE[..] {
         Protocol::Http2
     } else {
         Protocol::Http1
     };
     Ok(Some((
         protocol,
+        ServerIo::new(stream, buf[..end].to_vec(), activity, protocol),
+    )))
+}
+
+impl ServerIo {
+    /// `read` is replayed to hyper before anything else from the socket.
+    pub fn new(
+        stream: TcpStream,
+        read: Vec<u8>,
+        activity: Arc<ConnActivity>,
+        protocol: Protocol,
+    ) -> Self {
         ServerIo {
             stream,
-            replay,
+            replay: Replay {
+                buf: read,
+                start: 0,
+            },
             activity,
             track_heads: protocol == Protocol::Http1,
-        },
-    )))
+        }
+    }
+
+    /// The socket and the bytes not yet replayed.
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        let mut read = self.replay.buf;
+        read.drain(..self.replay.start);
+        (self.stream, read)
+    }
 }
 
 impl AsyncRead for ServerIo {
@@ -75,11 +98,14 @@ impl AsyncRead for ServerIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.replay.start < this.replay.end {
-            let pending = &this.replay.buf[this.replay.start..this.replay.end];
+        if this.replay.start < this.replay.buf.len() {
+            let pending = &this.replay.buf[this.replay.start..];
             let n = pending.len().min(buf.remaining());
             buf.put_slice(&pending[..n]);
             this.replay.start += n;
+            if this.replay.start == this.replay.buf.len() {
+                this.replay = Replay::default();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

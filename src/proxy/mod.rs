@@ -7,6 +7,7 @@
 
 pub mod body;
 pub mod guard;
+pub mod h1;
 pub mod headers;
 pub mod http;
 pub mod io;

@@ -36,10 +36,12 @@ pub enum UpstreamError {
     #[error("the upstream sent no response headers within {0:?}")]
     Timeout(Duration),
     #[error("the upstream closed the connection: {0}")]
-    Closed(hyper::Error),
+    Closed(BoxError),
     #[error("the upstream sent an invalid response: {0}")]
-    Protocol(hyper::Error),
+    Protocol(BoxError),
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpstreamError {
     pub fn kind(&self) -> UpstreamErrorKind {
@@ -75,9 +77,9 @@ impl UpstreamError {
 
     fn from_hyper(error: hyper::Error) -> Self {
         if error.is_parse() || error.is_parse_status() || error.is_parse_too_large() {
-            UpstreamError::Protocol(error)
+            UpstreamError::Protocol(error.into())
         } else {
-            UpstreamError::Closed(error)
+            UpstreamError::Closed(error.into())
         }
     }
 }
@@ -106,6 +108,9 @@ struct Inner {
     addr: SocketAddr,
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
+    /// Idle connections of lameduck's own HTTP/1 path (`proxy::h1`): plain
+    /// sockets, no task and no buffer while idle.
+    idle_streams: Mutex<Vec<TcpStream>>,
     idle_http1: Mutex<Vec<http1::SendRequest<Incoming>>>,
     shared_http2: Mutex<Option<http2::SendRequest<Incoming>>>,
     tasks: TaskTracker,
@@ -116,6 +121,10 @@ impl Inner {
     fn idle(&self) -> MutexGuard<'_, Vec<http1::SendRequest<Incoming>>> {
         // A panic while holding this lock leaves a Vec of senders, still valid.
         self.idle_http1.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn idle_streams(&self) -> MutexGuard<'_, Vec<TcpStream>> {
+        self.idle_streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn shared(&self) -> MutexGuard<'_, Option<http2::SendRequest<Incoming>>> {
@@ -138,6 +147,7 @@ impl Upstream {
                 addr: config.upstream,
                 protocol: config.upstream_protocol,
                 connect_timeout: config.upstream_connect_timeout,
+                idle_streams: Mutex::new(Vec::new()),
                 idle_http1: Mutex::new(Vec::new()),
                 shared_http2: Mutex::new(None),
                 tasks: TaskTracker::new(),
@@ -167,6 +177,32 @@ impl Upstream {
         // Small proxied writes must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+
+    /// An idle HTTP/1 connection for `proxy::h1`, most recently used first.
+    /// Ones the app has closed (or sent unsolicited bytes on) are dropped.
+    pub fn checkout_stream(&self) -> Option<TcpStream> {
+        loop {
+            let stream = self.inner.idle_streams().pop()?;
+            // Usually no syscall: tokio answers from the readiness it already
+            // has, and a socket with nothing new to read has none.
+            let mut probe = [0u8; 1];
+            match stream.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(stream),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Puts a connection whose last response was read to the end back.
+    pub fn release_stream(&self, stream: TcpStream) {
+        if self.inner.closing.is_cancelled() {
+            return;
+        }
+        let mut idle = self.inner.idle_streams();
+        if idle.len() < MAX_IDLE_HTTP1 {
+            idle.push(stream);
+        }
     }
 
     /// Sends the request; for HTTP/1 also returns the connection, to release
@@ -303,6 +339,7 @@ impl Upstream {
     pub async fn close(&self, wait_at_most: Duration) {
         self.inner.closing.cancel();
         self.inner.idle().clear();
+        self.inner.idle_streams().clear();
         self.inner.shared().take();
         self.inner.tasks.close();
         if timeout(wait_at_most, self.inner.tasks.wait())

@@ -1,0 +1,531 @@
+//! lameduck's own HTTP/1.1 path, for an HTTP/1.1 client in front of an
+//! HTTP/1.1 app: the common case, and the one a sidecar pays for on every
+//! request. One task per client connection does everything: it reads a request
+//! head, writes the rewritten head and body to a pooled app connection, reads
+//! the response and writes it back, and loops. There is no second task, no
+//! channel and no header map per request, and the connection holds no buffer
+//! while it waits for the next request (see BENCHMARKS.md for what that buys).
+//!
+//! Bodies are forwarded as they are framed: `Content-Length` bodies byte for
+//! byte, chunked bodies verbatim (the [`chunked`] scanner only finds their
+//! end), close-delimited responses until the app closes (and then the client
+//! connection closes too).
+//!
+//! Anything else (protocol upgrades, `Expect`, HTTP/1.0, `CONNECT`, unusual
+//! framing, heads that do not parse) is handed to hyper together with the
+//! bytes already read ([`Handoff`]), and hyper serves the rest of that
+//! connection exactly as it serves every connection when the app speaks h2.
+//!
+//! Drain behaviour is the same as hyper's path: while draining, every response
+//! carries `Connection: close`; an idle connection closes when the lame-duck
+//! window ends; the deadline drops the task (the caller's `select!`).
+
+pub mod chunked;
+pub mod head;
+
+use std::io;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout, timeout_at};
+use tracing::Instrument;
+
+use super::guard::RequestGuard;
+use super::http::ConnShared;
+use super::upstream::UpstreamError;
+use crate::metrics::UpstreamErrorKind;
+use chunked::{ChunkedError, ChunkedScanner};
+use head::{Framing, RequestHead, ResponseHead};
+
+/// Read size for heads and small bodies.
+const READ_CHUNK: usize = 8 * 1024;
+/// Read size once a body is known to be large.
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// A connection handed to hyper, with the bytes this path read but did not use.
+pub struct Handoff {
+    pub stream: TcpStream,
+    pub buffered: Vec<u8>,
+    pub reason: &'static str,
+}
+
+/// One client connection on this path.
+pub struct Connection<'a> {
+    shared: &'a ConnShared,
+    client: TcpStream,
+    /// Bytes read from the client, not yet forwarded.
+    input: Vec<u8>,
+    /// Bytes about to be written: a rewritten head and the body bytes after it.
+    out: Vec<u8>,
+    /// Bytes read from the app.
+    from_app: Vec<u8>,
+}
+
+/// What the connection does after an exchange.
+enum Next {
+    KeepAlive,
+    Close,
+    Handoff(&'static str),
+}
+
+/// Why an exchange with the app ended early.
+enum Failure {
+    /// Answered with a local error response (502/504).
+    Upstream(UpstreamError),
+    /// The client's request body was not valid chunked encoding (400).
+    BadRequestBody(ChunkedError),
+    /// The client went away, or a response broke half-way: nothing to send.
+    Abort,
+}
+
+impl<'a> Connection<'a> {
+    /// `sniffed`: the bytes read while telling HTTP/1 from HTTP/2.
+    pub fn new(shared: &'a ConnShared, client: TcpStream, sniffed: &[u8]) -> Self {
+        Connection {
+            shared,
+            client,
+            input: sniffed.to_vec(),
+            out: Vec::new(),
+            from_app: Vec::new(),
+        }
+    }
+
+    /// Serves requests until the connection ends, or returns it for hyper.
+    pub async fn serve(mut self) -> Option<Handoff> {
+        loop {
+            if self.input.is_empty() {
+                // Idle: give the buffers back before waiting.
+                self.out = Vec::new();
+                self.from_app = Vec::new();
+                self.input = Vec::new();
+                if !self.wait_for_request().await {
+                    return None;
+                }
+            }
+            let next = match self.read_head().await {
+                Some(RequestHead::Forward(req)) => self.exchange(req).await,
+                Some(RequestHead::Handoff(reason)) => Next::Handoff(reason),
+                Some(RequestHead::Partial) | None => Next::Close,
+            };
+            match next {
+                Next::KeepAlive => {}
+                Next::Close => {
+                    let _ = self.client.shutdown().await;
+                    return None;
+                }
+                Next::Handoff(reason) => {
+                    return Some(Handoff {
+                        stream: self.client,
+                        buffered: self.input,
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Waits for the next request's first bytes; false if the connection
+    /// should close instead (idle timeout, end of the lame-duck window). The
+    /// first request's bytes are already here (read while sniffing).
+    async fn wait_for_request(&mut self) -> bool {
+        let limit = self.shared.ctx.config.idle_timeout;
+        tokio::select! {
+            biased;
+            () = self.shared.ctx.lifecycle.tokens.stop_accepting.cancelled() => false,
+            readable = timeout(limit, self.client.readable()) => matches!(readable, Ok(Ok(()))),
+        }
+    }
+
+    /// Reads until a whole head is buffered (or it is clearly not one this
+    /// path handles). `None`: the client closed, failed or was too slow.
+    async fn read_head(&mut self) -> Option<RequestHead> {
+        let deadline = Instant::now() + self.shared.ctx.config.header_read_timeout;
+        let ctx = &self.shared.ctx;
+        let rewrite = head::RewriteContext {
+            peer: self.shared.peer_value.as_bytes(),
+            fallback_host: ctx.upstream.authority().as_str().as_bytes(),
+            ids: &ctx.ids,
+        };
+        loop {
+            self.out.clear();
+            match head::parse_request(&self.input, &rewrite, &mut self.out) {
+                RequestHead::Partial if self.input.len() < super::MAX_HEADER_BYTES => {}
+                // Too large: hyper answers 431.
+                RequestHead::Partial => return Some(RequestHead::Handoff("oversized head")),
+                parsed => return Some(parsed),
+            }
+            self.input.reserve(READ_CHUNK);
+            match timeout_at(deadline, self.client.read_buf(&mut self.input)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    tracing::debug!("request head not received within the header-read timeout");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Forwards one request and its response.
+    async fn exchange(&mut self, req: head::Request) -> Next {
+        let ctx = &self.shared.ctx;
+        let mut request = RequestGuard::start(ctx.lifecycle.clone(), self.shared.activity.clone());
+        let span =
+            tracing::debug_span!("request", id = ?req.request_id, line = %RequestLine(&self.input));
+
+        // The body bytes that came with the head go out with it.
+        let mut body = BodyCursor::new(req.framing);
+        let taken = match body.take(&self.input[req.head_len..]) {
+            Ok(n) => n,
+            Err(e) => {
+                self.input.clear();
+                return self
+                    .local_error(Failure::BadRequestBody(e), &req, request)
+                    .await;
+            }
+        };
+        self.out
+            .extend_from_slice(&self.input[req.head_len..req.head_len + taken]);
+        self.input.drain(..req.head_len + taken);
+        // Replayable: the whole request is in `out`.
+        let replayable = body.is_done() && req.idempotent;
+
+        let limit = ctx.config.upstream_timeout;
+        let sent = timeout(limit, self.send(&mut body, replayable, &req))
+            .instrument(span.clone())
+            .await
+            .unwrap_or(Err(Failure::Upstream(UpstreamError::Timeout(limit))));
+        let (app, response) = match sent {
+            Ok(sent) => sent,
+            Err(failure) => {
+                if !body.is_done() {
+                    // The rest of the request body is still on the wire.
+                    self.input.clear();
+                    return self.local_error(failure, &req, request).await.or_close();
+                }
+                return self.local_error(failure, &req, request).await;
+            }
+        };
+        request.set_status(response.status);
+        match self.forward_response(app, &response).instrument(span).await {
+            Ok(()) if response.close_client => Next::Close,
+            Ok(()) => Next::KeepAlive,
+            Err(kind) => {
+                if let Some(kind) = kind {
+                    request.upstream_failed(kind);
+                }
+                Next::Close
+            }
+        }
+    }
+
+    /// Writes the request to an app connection and reads the response head.
+    /// The rewritten response head is left in `out`, the bytes after it in
+    /// `from_app[response.head_len..]`.
+    async fn send(
+        &mut self,
+        body: &mut BodyCursor,
+        replayable: bool,
+        req: &head::Request,
+    ) -> Result<(TcpStream, head::Response), Failure> {
+        let upstream = &self.shared.ctx.upstream;
+        let mut fresh_only = false;
+        loop {
+            let pooled = if fresh_only {
+                None
+            } else {
+                upstream.checkout_stream()
+            };
+            // A reused connection may have been closed by the app a moment
+            // ago; a replayable request then gets one more try on a new one.
+            let retry_on_failure = pooled.is_some() && replayable;
+            let mut app = match pooled {
+                Some(app) => app,
+                None => upstream.connect_tcp().await.map_err(Failure::Upstream)?,
+            };
+            if let Err(e) = app.write_all(&self.out).await {
+                if retry_on_failure {
+                    fresh_only = true;
+                    continue;
+                }
+                return Err(closed(e));
+            }
+            if !body.is_done() {
+                self.forward_request_body(&mut app, body).await?;
+            }
+            match self.read_response_head(&mut app, req).await {
+                Ok(response) => return Ok((app, response)),
+                Err(ReadHeadError::ClosedBeforeResponse(_)) if retry_on_failure => {
+                    fresh_only = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Streams the rest of a request body from the client to the app.
+    async fn forward_request_body(
+        &mut self,
+        app: &mut TcpStream,
+        body: &mut BodyCursor,
+    ) -> Result<(), Failure> {
+        while !body.is_done() {
+            self.input.reserve(BODY_CHUNK);
+            match self.client.read_buf(&mut self.input).await {
+                Ok(0) | Err(_) => return Err(Failure::Abort),
+                Ok(_) => {}
+            }
+            let taken = body.take(&self.input).map_err(Failure::BadRequestBody)?;
+            app.write_all(&self.input[..taken]).await.map_err(closed)?;
+            self.input.drain(..taken);
+        }
+        Ok(())
+    }
+
+    async fn read_response_head(
+        &mut self,
+        app: &mut TcpStream,
+        req: &head::Request,
+    ) -> Result<head::Response, ReadHeadError> {
+        let response_cx = head::ResponseContext {
+            request_is_head: req.is_head,
+            request_id: req.request_id.as_bytes(),
+            close: req.close || self.shared.ctx.lifecycle.is_draining(),
+        };
+        self.from_app.clear();
+        loop {
+            self.from_app.reserve(READ_CHUNK);
+            let received_before = !self.from_app.is_empty();
+            match app.read_buf(&mut self.from_app).await {
+                Ok(0) if received_before => return Err(ReadHeadError::Truncated),
+                Ok(0) => {
+                    return Err(ReadHeadError::ClosedBeforeResponse(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "closed before responding",
+                    )));
+                }
+                Err(e) if !received_before => return Err(ReadHeadError::ClosedBeforeResponse(e)),
+                Err(e) => return Err(ReadHeadError::Io(e)),
+                Ok(_) => {}
+            }
+            loop {
+                self.out.clear();
+                match head::parse_response(&self.from_app, &response_cx, &mut self.out) {
+                    ResponseHead::Partial if self.from_app.len() < super::MAX_HEADER_BYTES => break,
+                    ResponseHead::Partial => return Err(ReadHeadError::Invalid("oversized head")),
+                    ResponseHead::Invalid(why) => return Err(ReadHeadError::Invalid(why)),
+                    ResponseHead::Forward(interim) if (100..200).contains(&interim.status) => {
+                        // 1xx: forward it, the final response follows.
+                        self.client
+                            .write_all(&self.out)
+                            .await
+                            .map_err(|_| ReadHeadError::ClientGone)?;
+                        self.from_app.drain(..interim.head_len);
+                    }
+                    ResponseHead::Forward(response) => return Ok(response),
+                }
+            }
+        }
+    }
+
+    /// Writes the response head (in `out`) and streams the body. `Err(kind)`:
+    /// the exchange broke and the client connection must close; `kind` is the
+    /// app's failure, if it was the app's.
+    async fn forward_response(
+        &mut self,
+        mut app: TcpStream,
+        response: &head::Response,
+    ) -> Result<(), Option<UpstreamErrorKind>> {
+        let mut body = BodyCursor::new(response.framing);
+        let after_head = &self.from_app[response.head_len..];
+        let taken = body
+            .take(after_head)
+            .map_err(|_| Some(UpstreamErrorKind::Protocol))?;
+        // Bytes beyond the response: the app broke framing; do not reuse.
+        let mut surplus = taken < after_head.len();
+        self.out.extend_from_slice(&after_head[..taken]);
+        self.client.write_all(&self.out).await.map_err(|_| None)?;
+        while !body.is_done() {
+            self.from_app.clear();
+            self.from_app
+                .reserve(if body.remaining_hint() > READ_CHUNK {
+                    BODY_CHUNK
+                } else {
+                    READ_CHUNK
+                });
+            let n = app
+                .read_buf(&mut self.from_app)
+                .await
+                .map_err(|_| Some(UpstreamErrorKind::Closed))?;
+            if n == 0 {
+                if body.ends_at_close() {
+                    break;
+                }
+                return Err(Some(UpstreamErrorKind::Closed));
+            }
+            let taken = body
+                .take(&self.from_app)
+                .map_err(|_| Some(UpstreamErrorKind::Protocol))?;
+            surplus |= taken < n;
+            self.client
+                .write_all(&self.from_app[..taken])
+                .await
+                .map_err(|_| None)?;
+        }
+        if response.reusable && !surplus {
+            self.shared.ctx.upstream.release_stream(app);
+        }
+        Ok(())
+    }
+
+    /// Answers a failed exchange locally; keeps the connection when the
+    /// request was read to its end.
+    async fn local_error(
+        &mut self,
+        failure: Failure,
+        req: &head::Request,
+        mut request: RequestGuard,
+    ) -> Next {
+        let (status, reason, text) = match &failure {
+            Failure::Upstream(error) => {
+                self.shared
+                    .upstream_failed(error, &request, &req.request_id);
+                let status = error.status();
+                let reason = status.canonical_reason().unwrap_or("");
+                (status.as_u16(), reason, error.client_message())
+            }
+            Failure::BadRequestBody(e) => {
+                tracing::debug!(error = %e, "invalid request body");
+                (400, "Bad Request", "invalid chunked request body\n")
+            }
+            Failure::Abort => return Next::Close,
+        };
+        request.set_status(status);
+        let close = req.close
+            || self.shared.ctx.lifecycle.is_draining()
+            || matches!(failure, Failure::BadRequestBody(_));
+        self.out.clear();
+        head::write_local_response(
+            &mut self.out,
+            status,
+            reason,
+            text,
+            req.request_id.as_bytes(),
+            close,
+        );
+        if self.client.write_all(&self.out).await.is_err() || close {
+            return Next::Close;
+        }
+        Next::KeepAlive
+    }
+}
+
+impl Next {
+    fn or_close(self) -> Next {
+        match self {
+            Next::KeepAlive => Next::Close,
+            other => other,
+        }
+    }
+}
+
+enum ReadHeadError {
+    /// Nothing arrived before the app closed: a replayable request may retry.
+    ClosedBeforeResponse(io::Error),
+    Truncated,
+    Io(io::Error),
+    Invalid(&'static str),
+    ClientGone,
+}
+
+impl From<ReadHeadError> for Failure {
+    fn from(e: ReadHeadError) -> Self {
+        match e {
+            ReadHeadError::ClosedBeforeResponse(e) | ReadHeadError::Io(e) => closed(e),
+            ReadHeadError::Truncated => closed(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed in the middle of the response head",
+            )),
+            ReadHeadError::Invalid(why) => Failure::Upstream(UpstreamError::Protocol(why.into())),
+            ReadHeadError::ClientGone => Failure::Abort,
+        }
+    }
+}
+
+fn closed(error: io::Error) -> Failure {
+    Failure::Upstream(UpstreamError::Closed(error.into()))
+}
+
+/// Where a body ends, fed the bytes as they arrive.
+enum BodyCursor {
+    Done,
+    Length(u64),
+    Chunked(ChunkedScanner),
+    UntilClose,
+}
+
+impl BodyCursor {
+    fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::Empty => BodyCursor::Done,
+            Framing::Length(n) => BodyCursor::Length(n),
+            Framing::Chunked => BodyCursor::Chunked(ChunkedScanner::new()),
+            Framing::UntilClose => BodyCursor::UntilClose,
+        }
+    }
+
+    /// How many of `input`'s bytes belong to the body.
+    fn take(&mut self, input: &[u8]) -> Result<usize, ChunkedError> {
+        match self {
+            BodyCursor::Done => Ok(0),
+            BodyCursor::Length(remaining) => {
+                let n = (*remaining).min(input.len() as u64);
+                *remaining -= n;
+                if *remaining == 0 {
+                    *self = BodyCursor::Done;
+                }
+                Ok(n as usize)
+            }
+            BodyCursor::Chunked(scanner) => {
+                let n = scanner.scan(input)?;
+                if scanner.is_done() {
+                    *self = BodyCursor::Done;
+                }
+                Ok(n)
+            }
+            BodyCursor::UntilClose => Ok(input.len()),
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self, BodyCursor::Done)
+    }
+
+    fn ends_at_close(&self) -> bool {
+        matches!(self, BodyCursor::UntilClose)
+    }
+
+    /// Bytes still expected, where known (for the read size).
+    fn remaining_hint(&self) -> usize {
+        match self {
+            BodyCursor::Length(n) => usize::try_from(*n).unwrap_or(usize::MAX),
+            BodyCursor::Done => 0,
+            BodyCursor::Chunked(_) | BodyCursor::UntilClose => usize::MAX,
+        }
+    }
+}
+
+/// The request line, for the request's span (formatted only when enabled).
+struct RequestLine<'a>(&'a [u8]);
+
+impl std::fmt::Display for RequestLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let end = self
+            .0
+            .iter()
+            .position(|&b| b == b'\r')
+            .unwrap_or(self.0.len())
+            .min(256);
+        f.write_str(&String::from_utf8_lossy(&self.0[..end]))
+    }
+}
