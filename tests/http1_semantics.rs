@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
@@ -1354,8 +1355,6 @@ fn reuse_reply(req: &UpRequest) -> Reply {
     }
 }
 
-/// Sends `requests` one after the other on one client connection and
-/// asserts the app saw all of them on a single upstream connection.
 /// Which of lameduck's two HTTP/1 servers the connection ends up on.
 #[derive(Clone, Copy, PartialEq)]
 enum Server {
@@ -1366,6 +1365,8 @@ enum Server {
     Hyper,
 }
 
+/// Sends `requests` one after the other on one client connection and
+/// asserts the app saw all of them on a single upstream connection.
 async fn upstream_connection_reuse(server: Server, requests: &[(&str, &str)]) {
     let up = Upstream::replying(reuse_reply).await;
     let ld = lameduck_for(&up).await;
@@ -1582,4 +1583,76 @@ async fn an_unreachable_app_gives_502() {
         .await
         .expect("POST to an unreachable app");
     assert_eq!(r.status, 502, "{}", r.text());
+}
+
+// ---------------------------------------------------------------------------
+// HTTP/2 clients in front of the HTTP/1 app
+// ---------------------------------------------------------------------------
+
+/// What an HTTP/2 client gets for each kind of HTTP/1 response: bodies
+/// decoded from their HTTP/1 framing (chunked, with extensions and trailers),
+/// none for HEAD / 204 / 304, the final response after a 1xx, request bodies
+/// of unknown length sent chunked; and the app connection back in the pool
+/// after every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_get_every_kind_of_http1_response_decoded() {
+    let up = Upstream::replying(reuse_reply).await;
+    let ld = lameduck_for(&up).await;
+    let tcp = TcpStream::connect(ld.proxy_addr()).await.unwrap();
+    let (mut send, conn) = tokio::time::timeout(secs(5), h2::client::handshake(tcp))
+        .await
+        .expect("h2 handshake timed out")
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let cases: [(&str, &str, u16, &[u8]); 10] = [
+        ("GET", "/cl", 200, b"GET /cl 0"),
+        ("GET", "/chunked", 200, b"abc"),
+        ("GET", "/chunked-ext", 200, b"abc"),
+        ("GET", "/chunked-trailers", 200, b"abc"),
+        ("HEAD", "/head", 200, b""),
+        ("GET", "/204", 204, b""),
+        ("GET", "/304", 304, b""),
+        ("GET", "/103", 200, b"hinted"),
+        ("POST", "/post", 200, b"POST /post 9"),
+        ("GET", "/cl", 200, b"GET /cl 0"),
+    ];
+    for (method, path, status, body) in cases {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1{path}"))
+            .body(())
+            .unwrap();
+        let has_body = method == "POST";
+        let (response, mut stream) = send.send_request(request, !has_body).unwrap();
+        if has_body {
+            // Two DATA frames and no content-length: the app gets it chunked.
+            stream.send_data(Bytes::from_static(b"post "), false).unwrap();
+            stream.send_data(Bytes::from_static(b"body"), true).unwrap();
+        }
+        let response = tokio::time::timeout(RESPONSE_TIMEOUT, response)
+            .await
+            .expect("response timed out")
+            .expect("response");
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        let mut received = Vec::new();
+        let mut data = response.into_body();
+        while let Some(chunk) = tokio::time::timeout(RESPONSE_TIMEOUT, data.data())
+            .await
+            .expect("body timed out")
+        {
+            let chunk = chunk.expect("body");
+            let _ = data.flow_control().release_capacity(chunk.len());
+            received.extend_from_slice(&chunk);
+        }
+        assert_eq!(received, body, "{method} {path}");
+    }
+    let reqs = up.requests();
+    let post = reqs.iter().find(|r| r.method == "POST").expect("the POST");
+    assert!(post.chunked, "a body of unknown length goes chunked: {post:?}");
+    let conns: Vec<usize> = reqs.iter().map(|r| r.conn).collect();
+    assert!(
+        conns.iter().all(|&c| c == conns[0]),
+        "sequential requests used several upstream connections: {conns:?}"
+    );
+    conn.abort();
 }

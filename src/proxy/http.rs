@@ -266,16 +266,20 @@ impl ConnShared {
                 );
             }
             let limit = ctx.config.upstream_timeout;
-            let sent = match timeout(limit, upstream.send(req)).await {
-                Ok(sent) => sent,
-                Err(_) => Err(UpstreamError::Timeout(limit)),
-            };
-            let (mut response, pooled) = match sent {
-                Ok(sent) => sent,
-                Err(error) => return self.upstream_error(error, request, request_id),
-            };
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                if let Some(client_upgrade) = client_upgrade {
+            let mut request = request;
+            if upstream.is_http2() || client_upgrade.is_some() {
+                let sent = if upstream.is_http2() {
+                    timeout(limit, upstream.send_http2(req)).await
+                } else {
+                    timeout(limit, upstream.send_upgrade(req)).await
+                };
+                let mut response = match sent.unwrap_or(Err(UpstreamError::Timeout(limit))) {
+                    Ok(response) => response,
+                    Err(error) => return self.upstream_error(error, request, request_id),
+                };
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client_upgrade) = client_upgrade
+                {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
                     ctx.tasks.spawn(tunnel(
                         client_upgrade,
@@ -283,21 +287,26 @@ impl ConnShared {
                         self.guard.clone(),
                         ctx.clone(),
                     ));
+                    response
+                        .headers_mut()
+                        .insert(headers::X_REQUEST_ID.clone(), request_id);
+                    request.set_status(101);
+                    return response.map(|body| ProxyBody::hyper(body, request));
                 }
-                // The upstream connection now belongs to the tunnel: never pool it.
-                drop(pooled);
-                response
-                    .headers_mut()
-                    .insert(headers::X_REQUEST_ID.clone(), request_id);
-                let mut request = request;
-                request.set_status(101);
-                return response.map(|body| ProxyBody::upstream(body, None, request));
+                headers::strip_hop_by_hop(response.headers_mut(), false);
+                self.finish_headers(response.headers_mut(), request_id);
+                request.set_status(response.status().as_u16());
+                return response.map(|body| ProxyBody::hyper(body, request));
             }
+            let sent = timeout(limit, h1::client::send(upstream, req)).await;
+            let mut response = match sent.unwrap_or(Err(UpstreamError::Timeout(limit))) {
+                Ok(response) => response,
+                Err(error) => return self.upstream_error(error, request, request_id),
+            };
             headers::strip_hop_by_hop(response.headers_mut(), false);
             self.finish_headers(response.headers_mut(), request_id);
-            let mut request = request;
             request.set_status(response.status().as_u16());
-            response.map(|body| ProxyBody::upstream(body, pooled, request))
+            response.map(|body| ProxyBody::app(body, request))
         }
     }
 

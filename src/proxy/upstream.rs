@@ -41,7 +41,7 @@ pub enum UpstreamError {
     Protocol(BoxError),
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpstreamError {
     pub fn kind(&self) -> UpstreamErrorKind {
@@ -84,46 +84,21 @@ impl UpstreamError {
     }
 }
 
-/// A checked-out HTTP/1 connection; `release` it once the response body has
-/// been read to the end, or drop it to close the connection.
-pub struct PooledConn {
-    sender: http1::SendRequest<Incoming>,
-    pool: Arc<Inner>,
-}
-
-impl PooledConn {
-    pub fn release(self) {
-        let pool = self.pool;
-        if pool.closing.is_cancelled() || self.sender.is_closed() {
-            return;
-        }
-        let mut idle = pool.idle();
-        if idle.len() < MAX_IDLE_HTTP1 {
-            idle.push(self.sender);
-        }
-    }
-}
-
 struct Inner {
     addr: SocketAddr,
     protocol: UpstreamProtocol,
     connect_timeout: Duration,
-    /// Idle connections of lameduck's own HTTP/1 path (`proxy::h1`): plain
-    /// sockets, no task and no buffer while idle.
+    /// Idle HTTP/1 connections (`proxy::h1`): plain sockets, no task and no
+    /// buffer while idle.
     idle_streams: Mutex<Vec<TcpStream>>,
-    idle_http1: Mutex<Vec<http1::SendRequest<Incoming>>>,
     shared_http2: Mutex<Option<http2::SendRequest<Incoming>>>,
     tasks: TaskTracker,
     closing: CancellationToken,
 }
 
 impl Inner {
-    fn idle(&self) -> MutexGuard<'_, Vec<http1::SendRequest<Incoming>>> {
-        // A panic while holding this lock leaves a Vec of senders, still valid.
-        self.idle_http1.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn idle_streams(&self) -> MutexGuard<'_, Vec<TcpStream>> {
+        // A panic while holding this lock leaves a Vec of sockets, still valid.
         self.idle_streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -148,7 +123,6 @@ impl Upstream {
                 protocol: config.upstream_protocol,
                 connect_timeout: config.upstream_connect_timeout,
                 idle_streams: Mutex::new(Vec::new()),
-                idle_http1: Mutex::new(Vec::new()),
                 shared_http2: Mutex::new(None),
                 tasks: TaskTracker::new(),
                 closing: CancellationToken::new(),
@@ -205,59 +179,18 @@ impl Upstream {
         }
     }
 
-    /// Sends the request; for HTTP/1 also returns the connection, to release
-    /// once the response body is complete.
-    pub async fn send(
+    /// Sends a protocol-upgrade request (WebSocket) over a new HTTP/1
+    /// connection driven by hyper, which hands over the upgraded stream. The
+    /// connection is never pooled: after a 101 it belongs to the tunnel.
+    pub async fn send_upgrade(
         &self,
         req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<PooledConn>), UpstreamError> {
-        match self.inner.protocol {
-            UpstreamProtocol::Http1 => self.send_http1(req).await,
-            UpstreamProtocol::Http2 => self.send_http2(req).await.map(|r| (r, None)),
-        }
-    }
-
-    async fn send_http1(
-        &self,
-        mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<PooledConn>), UpstreamError> {
-        // A pooled connection can be closed by the app at any moment. When hyper
-        // hands the request back unsent, it is safe to retry on a new one.
-        while let Some(mut sender) = self.checkout_idle().await {
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok((response, Some(self.pooled(sender)))),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(UpstreamError::from_hyper(e.into_error())),
-                },
-            }
-        }
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let mut sender = self.connect_http1().await?;
-        match sender.try_send_request(req).await {
-            Ok(response) => Ok((response, Some(self.pooled(sender)))),
-            Err(e) => Err(UpstreamError::from_hyper(e.into_error())),
-        }
-    }
-
-    fn pooled(&self, sender: http1::SendRequest<Incoming>) -> PooledConn {
-        PooledConn {
-            sender,
-            pool: self.inner.clone(),
-        }
-    }
-
-    async fn checkout_idle(&self) -> Option<http1::SendRequest<Incoming>> {
-        loop {
-            let mut sender = self.inner.idle().pop()?;
-            if sender.is_closed() {
-                continue;
-            }
-            // A released connection becomes ready once hyper has finished
-            // reading the previous response; a closed one errors here.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
-            }
-        }
+        sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::from_hyper)
     }
 
     async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
@@ -281,7 +214,7 @@ impl Upstream {
         Ok(sender)
     }
 
-    async fn send_http2(
+    pub async fn send_http2(
         &self,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
@@ -338,7 +271,6 @@ impl Upstream {
     /// Closes every upstream connection and waits (bounded) for their tasks.
     pub async fn close(&self, wait_at_most: Duration) {
         self.inner.closing.cancel();
-        self.inner.idle().clear();
         self.inner.idle_streams().clear();
         self.inner.shared().take();
         self.inner.tasks.close();

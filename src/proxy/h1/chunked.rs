@@ -123,6 +123,45 @@ impl ChunkedScanner {
         self.state == State::Done
     }
 
+    /// Like [`scan`](Self::scan), but stops at chunk data, for a receiver
+    /// that needs the body decoded (an HTTP/2 client). Returns how many bytes
+    /// of `input` were consumed and the chunk data among them (always at the
+    /// end of the consumed part). Empty data with everything consumed: more
+    /// input is needed, or the body is done. Trailers are consumed, not returned.
+    pub fn decode<'a>(&mut self, input: &'a [u8]) -> Result<(usize, &'a [u8]), ChunkedError> {
+        match self.state {
+            State::Done => return Ok((0, &[])),
+            State::Failed(error) => return Err(error),
+            _ => {}
+        }
+        let mut pos = 0;
+        while pos < input.len() {
+            if self.state == State::Data {
+                let available = (input.len() - pos) as u64;
+                // At most `available`, which came from a usize.
+                let data = self.chunk_remaining.min(available) as usize;
+                self.chunk_remaining -= data as u64;
+                if self.chunk_remaining == 0 {
+                    self.state = State::DataCr;
+                }
+                return Ok((pos + data, &input[pos..pos + data]));
+            }
+            let byte = input[pos];
+            pos += 1;
+            match self.next_state(byte) {
+                Ok(next) => self.state = next,
+                Err(error) => {
+                    self.state = State::Failed(error);
+                    return Err(error);
+                }
+            }
+            if self.state == State::Done {
+                break;
+            }
+        }
+        Ok((pos, &[]))
+    }
+
     fn scan_unfinished(&mut self, input: &[u8]) -> Result<usize, ChunkedError> {
         let mut pos = 0;
         while pos < input.len() {
@@ -723,6 +762,39 @@ mod tests {
             }
             prop_assert_eq!(consumed, encoded.len());
             prop_assert!(scanner.is_done());
+        }
+
+        #[test]
+        fn decoding_yields_the_data_and_ends_where_scanning_does(
+            body in body(),
+            next_message in prop::collection::vec(any::<u8>(), 0..64),
+            cuts in cuts(),
+        ) {
+            let encoded = body.encode();
+            let mut input = encoded.clone();
+            input.extend_from_slice(&next_message);
+            let mut bounds: Vec<usize> =
+                cuts.iter().map(|cut| cut.index(input.len() + 1)).collect();
+            bounds.push(0);
+            bounds.push(input.len());
+            bounds.sort_unstable();
+            let mut decoder = ChunkedScanner::new();
+            let (mut consumed, mut data) = (0, Vec::new());
+            for piece in bounds.windows(2).map(|w| &input[w[0]..w[1]]) {
+                let mut rest = piece;
+                while !rest.is_empty() && !decoder.is_done() {
+                    let (n, chunk) = decoder.decode(rest).unwrap();
+                    prop_assert!(n > 0);
+                    prop_assert!(rest[..n].ends_with(chunk));
+                    data.extend_from_slice(chunk);
+                    consumed += n;
+                    rest = &rest[n..];
+                }
+            }
+            prop_assert!(decoder.is_done());
+            prop_assert_eq!(consumed, encoded.len());
+            let expected: Vec<u8> = body.chunks.iter().flat_map(|c| c.data.clone()).collect();
+            prop_assert_eq!(data, expected);
         }
 
         #[test]

@@ -285,54 +285,17 @@ pub fn parse_response(input: &[u8], cx: &ResponseContext<'_>, out: &mut Vec<u8>)
         return ResponseHead::Invalid("101 without an upgrade request");
     }
     let headers = &*res.headers;
-    let mut connection = ConnectionTokens::default();
-    let mut length = None;
-    let mut transfer_encoding: Option<&[u8]> = None;
-    for h in headers {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection") {
-            // An overlong list still has its `close` noted; names beyond the
-            // limit are stripped anyway if they are hop-by-hop ones.
-            connection.add_list(h.value);
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            match (parse_content_length(h.value), length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                _ => return ResponseHead::Invalid("invalid Content-Length"),
-            }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            if transfer_encoding.is_some() {
-                return ResponseHead::Invalid("repeated Transfer-Encoding");
-            }
-            transfer_encoding = Some(h.value);
-        }
-    }
-    let interim = (100..200).contains(&status);
-    // The final coding decides the framing (RFC 9112 §6.1); the codings
-    // before it are the client's to undo, so the header is forwarded as is.
-    let chunked = transfer_encoding.is_some_and(|v| {
-        v.rsplit(|&b| b == b',')
-            .next()
-            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-    });
-    let framing = if interim || cx.request_is_head || status == 204 || status == 304 {
-        Framing::Empty
-    } else if chunked {
-        Framing::Chunked
-    } else if transfer_encoding.is_some() {
-        // A coding we cannot delimit: read to the end (RFC 9112 §6.3 rule 4).
-        Framing::UntilClose
-    } else {
-        match length {
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => Framing::UntilClose,
-        }
+    let framed = match frame_response(version, status, cx.request_is_head, headers) {
+        Ok(framed) => framed,
+        Err(why) => return ResponseHead::Invalid(why),
     };
-    let reusable = version == 1
-        && !connection.close
-        && framing != Framing::UntilClose
-        && !(transfer_encoding.is_some() && length.is_some());
+    let ResponseFraming {
+        framing,
+        reusable,
+        connection,
+        transfer_encoding,
+    } = framed;
+    let interim = (100..200).contains(&status);
     let close_client = cx.close || framing == Framing::UntilClose;
 
     out.reserve(head_len + 96);
@@ -372,6 +335,79 @@ pub fn parse_response(input: &[u8], cx: &ResponseContext<'_>, out: &mut Vec<u8>)
     })
 }
 
+/// How a response is delimited, and what its headers say about the connection.
+pub struct ResponseFraming<'a> {
+    pub framing: Framing,
+    /// The app's connection can carry another request after this response.
+    pub reusable: bool,
+    connection: ConnectionTokens<'a>,
+    /// The `Transfer-Encoding` value, if any.
+    pub transfer_encoding: Option<&'a [u8]>,
+}
+
+/// Reads a response's framing from its headers (RFC 9112 §6.3).
+pub fn frame_response<'a>(
+    version: u8,
+    status: u16,
+    request_is_head: bool,
+    headers: &[httparse::Header<'a>],
+) -> Result<ResponseFraming<'a>, &'static str> {
+    let mut connection = ConnectionTokens::default();
+    let mut length = None;
+    let mut transfer_encoding: Option<&[u8]> = None;
+    for h in headers {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            // An overlong list still has its `close` noted; names beyond the
+            // limit are stripped anyway if they are hop-by-hop ones.
+            connection.add_list(h.value);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            match (parse_content_length(h.value), length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return Err("invalid Content-Length"),
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if transfer_encoding.is_some() {
+                return Err("repeated Transfer-Encoding");
+            }
+            transfer_encoding = Some(h.value);
+        }
+    }
+    // The final coding decides the framing (RFC 9112 §6.1); the codings
+    // before it are the client's to undo.
+    let chunked = transfer_encoding.is_some_and(|v| {
+        v.rsplit(|&b| b == b',')
+            .next()
+            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    });
+    let framing =
+        if (100..200).contains(&status) || request_is_head || status == 204 || status == 304 {
+            Framing::Empty
+        } else if chunked {
+            Framing::Chunked
+        } else if transfer_encoding.is_some() {
+            // A coding we cannot delimit: read to the end (RFC 9112 §6.3 rule 4).
+            Framing::UntilClose
+        } else {
+            match length {
+                Some(0) => Framing::Empty,
+                Some(n) => Framing::Length(n),
+                None => Framing::UntilClose,
+            }
+        };
+    let reusable = version == 1
+        && !connection.close
+        && framing != Framing::UntilClose
+        && !(transfer_encoding.is_some() && length.is_some());
+    Ok(ResponseFraming {
+        framing,
+        reusable,
+        connection,
+        transfer_encoding,
+    })
+}
+
 /// A complete response lameduck makes itself (errors), keep-alive unless `close`.
 pub fn write_local_response(
     out: &mut Vec<u8>,
@@ -405,7 +441,7 @@ fn push_status(out: &mut Vec<u8>, status: u16) {
     ]);
 }
 
-fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

@@ -21,6 +21,7 @@
 //! window ends; the deadline drops the task (the caller's `select!`).
 
 pub mod chunked;
+pub mod client;
 pub mod head;
 
 use std::io;
