@@ -27,7 +27,11 @@ use super::chunked::{ChunkedError, ChunkedScanner};
 use super::head::{self, Framing};
 use crate::proxy::upstream::{BoxError, Upstream, UpstreamError};
 
-const READ_CHUNK: usize = 16 * 1024;
+/// First read of a response: most heads (and small bodies) fit; a 4 KiB
+/// allocation per request stays cheap.
+const HEAD_READ: usize = 4 * 1024;
+/// Later reads of a body.
+const BODY_READ: usize = 16 * 1024;
 
 /// Sends `req` (already rewritten for the app) and returns the response
 /// head; its body streams from the app connection.
@@ -135,9 +139,9 @@ async fn read_response(
     is_head: bool,
     upstream: &Upstream,
 ) -> Result<Response<AppBody>, ReadError> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(HEAD_READ);
     loop {
-        buf.reserve(READ_CHUNK);
+        buf.reserve(HEAD_READ);
         match tokio::io::AsyncReadExt::read_buf(&mut app, &mut buf).await {
             Ok(0) if buf.is_empty() => {
                 return Err(ReadError::NothingReceived(
@@ -339,7 +343,7 @@ impl Body for AppBody {
             let Some(app) = this.app.as_mut() else {
                 return Poll::Ready(None);
             };
-            this.buf.reserve(READ_CHUNK);
+            this.buf.reserve(BODY_READ);
             match ready!(tokio_util::io::poll_read_buf(
                 Pin::new(app),
                 cx,
