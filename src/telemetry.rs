@@ -1,9 +1,11 @@
 //! Structured logging: the tracing subscriber (JSON or text, on stderr) and the
 //! handle that swaps the log filter at run time (SIGHUP).
 //!
-//! Logging never sits on the per-request hot path above `debug`.
+//! Logging never sits on the per-request hot path above `debug`; the warnings
+//! a failing app can cause per request go through a [`LogBudget`].
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -105,5 +107,66 @@ impl LogReloader {
             .reload(filter)
             .map_err(|e| TelemetryError::Reload(e.to_string()))?;
         Ok(ReloadOutcome::Applied(text))
+    }
+}
+
+/// Caps a log line that can repeat per request (an app outage makes every
+/// request fail): at most `per_second` lines a second, and the next line
+/// admitted reports how many were left out. Lock-free and approximate under
+/// races, which is all a log budget needs.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_second: u32,
+    second: AtomicU64,
+    used: AtomicU32,
+    suppressed: AtomicU64,
+}
+
+impl LogBudget {
+    pub const fn new(per_second: u32) -> Self {
+        LogBudget {
+            per_second,
+            second: AtomicU64::new(0),
+            used: AtomicU32::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(left_out)`: log this one, mentioning the lines left out since
+    /// the last one logged. `None`: over budget, skip it.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(crate::proxy::guard::now_ms() / 1000)
+    }
+
+    fn admit_at(&self, second: u64) -> Option<u64> {
+        let current = self.second.load(Ordering::Relaxed);
+        if current != second
+            && self
+                .second
+                .compare_exchange(current, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < self.per_second {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod log_budget_tests {
+    use super::LogBudget;
+
+    #[test]
+    fn lines_over_the_budget_are_counted_and_reported_by_the_next_one() {
+        let budget = LogBudget::new(3);
+        let first_second: Vec<_> = (0..5).map(|_| budget.admit_at(7)).collect();
+        assert_eq!(first_second, [Some(0), Some(0), Some(0), None, None]);
+        assert_eq!(budget.admit_at(8), Some(2));
+        assert_eq!(budget.admit_at(8), Some(0));
     }
 }

@@ -45,6 +45,47 @@ async fn upstream_refusing_connections_gives_a_fast_502_with_a_short_body() {
     assert!(fivexx >= 1.0, "requests_total{{code=5xx}} = {fivexx}");
 }
 
+/// An app outage fails every request; the log must not fail with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failure_warnings_are_capped_and_count_what_they_left_out() {
+    let ld = Lameduck::spawn(&["--upstream", &closed_port().to_string()]);
+    let mut conn = RawConn::connect(ld.proxy_addr()).await;
+    let started = Instant::now();
+    for _ in 0..200 {
+        let r = conn.get("/").await.expect("a 502, not a broken connection");
+        assert_eq!(r.status, 502);
+    }
+    let burst = started.elapsed();
+    // The next second's budget: its first line reports the ones left out.
+    tokio::time::sleep(secs(1)).await;
+    assert_eq!(conn.get("/").await.expect("a 502").status, 502);
+    let failures = |ld: &Lameduck| ld.logs_with_message("upstream request failed");
+    let last = ld
+        .wait_for_log(
+            |line| {
+                message(line) == "upstream request failed" && field_u64(line, "left_out") > Some(0)
+            },
+            secs(5),
+        )
+        .await;
+    let logged = failures(&ld).len();
+    // 10 a second: the burst spans at most a few seconds' budgets.
+    let budgets = burst.as_secs() + 3;
+    assert!(
+        logged as u64 <= 10 * budgets,
+        "{logged} warnings for 201 failures in {burst:?}"
+    );
+    let left_out: u64 = failures(&ld)
+        .iter()
+        .filter_map(|l| field_u64(l, "left_out"))
+        .sum();
+    assert_eq!(
+        logged as u64 + left_out,
+        201,
+        "every failure is either logged or counted: {last}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_not_answering_syns_fails_at_the_connect_timeout() {
     let (app, ld) = app_behind_lameduck(&[

@@ -336,7 +336,9 @@ impl ConnShared {
         request: &RequestGuard,
         request_id: &dyn std::fmt::Debug,
     ) {
-        tracing::warn!(request_id = ?request_id, error = %error, "upstream request failed");
+        if let Some(left_out) = self.ctx.upstream_failure_log.admit() {
+            tracing::warn!(request_id = ?request_id, error = %error, left_out, "upstream request failed");
+        }
         request.upstream_failed(error.kind());
         if matches!(error, UpstreamError::Connect { .. }) {
             // Passive health: readiness fails now, the probe restores it.

@@ -27,12 +27,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Mode};
 use crate::lifecycle::Lifecycle;
+use crate::telemetry::LogBudget;
 use guard::ConnectionGuard;
 use headers::RequestIds;
 use upstream::Upstream;
 
 /// Largest request head accepted; larger ones get 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Warnings about failed app requests logged per second, at most.
+const UPSTREAM_FAILURE_LOGS_PER_SECOND: u32 = 10;
 
 /// Everything a connection needs, shared by all of them.
 pub struct ProxyContext {
@@ -42,6 +45,8 @@ pub struct ProxyContext {
     pub ids: RequestIds,
     /// Owns connection and tunnel tasks.
     pub tasks: TaskTracker,
+    /// Failures of the app repeat per request; their warnings are capped.
+    pub upstream_failure_log: LogBudget,
     http1: http1::Builder,
     http2: http2::Builder<TrackedExecutor>,
 }
@@ -84,6 +89,7 @@ impl ProxyContext {
             config,
             ids: RequestIds::new(),
             tasks,
+            upstream_failure_log: LogBudget::new(UPSTREAM_FAILURE_LOGS_PER_SECOND),
             http1,
             http2,
         }

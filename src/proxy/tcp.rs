@@ -28,7 +28,9 @@ pub async fn serve_stream(
     let mut upstream = match connected {
         Ok(stream) => stream,
         Err(error) => {
-            tracing::warn!(error = %error, "upstream connection failed");
+            if let Some(left_out) = ctx.upstream_failure_log.admit() {
+                tracing::warn!(error = %error, left_out, "upstream connection failed");
+            }
             ctx.lifecycle.metrics.upstream_error(error.kind());
             if matches!(error, UpstreamError::Connect { .. }) {
                 ctx.lifecycle.set_upstream_up(false);
