@@ -79,7 +79,7 @@ pub async fn serve_connection(
         // lameduck's own HTTP/1 path; hyper takes over what it does not handle.
         let (stream, sniffed) = io.into_parts();
         let served = tokio::select! {
-            handoff = h1::Connection::new(&shared, stream, &sniffed).serve() => handoff,
+            handoff = h1::Connection::new(&shared, stream, sniffed).serve() => handoff,
             () = tokens.force.cancelled() => {
                 guard.mark_forced();
                 return;

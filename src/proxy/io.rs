@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::guard::ConnActivity;
@@ -31,36 +31,39 @@ pub struct ServerIo {
     track_heads: bool,
 }
 
-/// Reads just enough to tell HTTP/2 prior knowledge from HTTP/1: the first 24
-/// bytes, or fewer once they stop matching the preface. `Ok(None)` if the peer
-/// closed before sending anything.
+/// First read of a connection: usually the whole first request head.
+const FIRST_READ: usize = 8 * 1024;
+
+/// Reads the connection's first bytes and tells HTTP/2 prior knowledge from
+/// HTTP/1 by them. Reads once more only while what arrived is a prefix of the
+/// HTTP/2 preface. No buffer is allocated until the socket is readable, so a
+/// connection that sends nothing costs none. `Ok(None)` if the peer closed
+/// before sending anything.
 pub async fn sniff(
-    mut stream: TcpStream,
+    stream: TcpStream,
     activity: Arc<ConnActivity>,
 ) -> io::Result<Option<(Protocol, ServerIo)>> {
-    let mut buf = [0u8; H2_PREFACE.len()];
-    let mut end = 0;
+    let mut read = Vec::new();
     loop {
-        let n = stream.read(&mut buf[end..]).await?;
-        if n == 0 {
-            if end == 0 {
-                return Ok(None);
-            }
-            break;
-        }
-        end += n;
-        if end == H2_PREFACE.len() || buf[..end] != H2_PREFACE[..end] {
-            break;
+        stream.readable().await?;
+        read.reserve(FIRST_READ);
+        match stream.try_read_buf(&mut read) {
+            Ok(0) if read.is_empty() => return Ok(None),
+            Ok(0) => break,
+            Ok(_) if read.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&read) => {}
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
-    let protocol = if buf[..end] == H2_PREFACE[..] {
+    let protocol = if read.starts_with(H2_PREFACE) {
         Protocol::Http2
     } else {
         Protocol::Http1
     };
     Ok(Some((
         protocol,
-        ServerIo::new(stream, buf[..end].to_vec(), activity, protocol),
+        ServerIo::new(stream, read, activity, protocol),
     )))
 }
 

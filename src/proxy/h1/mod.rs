@@ -81,11 +81,11 @@ enum Failure {
 
 impl<'a> Connection<'a> {
     /// `sniffed`: the bytes read while telling HTTP/1 from HTTP/2.
-    pub fn new(shared: &'a ConnShared, client: TcpStream, sniffed: &[u8]) -> Self {
+    pub fn new(shared: &'a ConnShared, client: TcpStream, sniffed: Vec<u8>) -> Self {
         Connection {
             shared,
             client,
-            input: sniffed.to_vec(),
+            input: sniffed,
             out: Vec::new(),
             from_app: Vec::new(),
         }
@@ -125,15 +125,30 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Waits for the next request's first bytes; false if the connection
-    /// should close instead (idle timeout, end of the lame-duck window). The
-    /// first request's bytes are already here (read while sniffing).
+    /// Waits for the next request's first bytes and reads them into `input`;
+    /// false if the connection should close instead (the client closed, the
+    /// idle timeout, the end of the lame-duck window). The first request's
+    /// bytes are already here (read while sniffing).
     async fn wait_for_request(&mut self) -> bool {
         let limit = self.shared.ctx.config.idle_timeout;
+        let stop = &self.shared.ctx.lifecycle.tokens.stop_accepting;
+        let first_bytes = async {
+            loop {
+                // Readiness can be stale; a read that would block clears it,
+                // and the buffer is only kept once bytes are in it.
+                self.client.readable().await?;
+                self.input.reserve(READ_CHUNK);
+                match self.client.try_read_buf(&mut self.input) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.input = Vec::new(),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
         tokio::select! {
             biased;
-            () = self.shared.ctx.lifecycle.tokens.stop_accepting.cancelled() => false,
-            readable = timeout(limit, self.client.readable()) => matches!(readable, Ok(Ok(()))),
+            () = stop.cancelled() => false,
+            read = timeout(limit, first_bytes) => matches!(read, Ok(Ok(n)) if n > 0),
         }
     }
 
