@@ -1626,7 +1626,9 @@ async fn http2_clients_get_every_kind_of_http1_response_decoded() {
         let (response, mut stream) = send.send_request(request, !has_body).unwrap();
         if has_body {
             // Two DATA frames and no content-length: the app gets it chunked.
-            stream.send_data(Bytes::from_static(b"post "), false).unwrap();
+            stream
+                .send_data(Bytes::from_static(b"post "), false)
+                .unwrap();
             stream.send_data(Bytes::from_static(b"body"), true).unwrap();
         }
         let response = tokio::time::timeout(RESPONSE_TIMEOUT, response)
@@ -1648,7 +1650,10 @@ async fn http2_clients_get_every_kind_of_http1_response_decoded() {
     }
     let reqs = up.requests();
     let post = reqs.iter().find(|r| r.method == "POST").expect("the POST");
-    assert!(post.chunked, "a body of unknown length goes chunked: {post:?}");
+    assert!(
+        post.chunked,
+        "a body of unknown length goes chunked: {post:?}"
+    );
     let conns: Vec<usize> = reqs.iter().map(|r| r.conn).collect();
     assert!(
         conns.iter().all(|&c| c == conns[0]),
