@@ -521,7 +521,7 @@ def cmd_report(results_path, meta_path):
 
     w("### Setup of this run")
     w("")
-    for k in ("machine", "kernel", "versions", "pinning", "lameduck"):
+    for k in ("machine", "kernel", "versions", "pinning", "peer headers", "lameduck"):
         if meta.get(k):
             w(f"- **{k}**: {meta[k]}")
     w("")

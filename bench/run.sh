@@ -48,6 +48,7 @@ BUILD=${BUILD:-1}
 INSTALL=${INSTALL:-1}
 RESULTS_DIR=${RESULTS_DIR:-$BENCH_DIR/results}
 KEEP_TMP=${KEEP_TMP:-0}
+PEER_HEADERS=${PEER_HEADERS:-1}   # 1 = HAProxy and nginx add the headers lameduck adds (XFF, XFP, request id)
 RETRY_BUDGET=${BUSY_RETRIES:-$((ROUNDS * 2))}   # re-runs allowed for runs disturbed by other load
 PAUSE=${PAUSE:-0.5}   # seconds between load runs (lets the previous run's sockets settle)
 
@@ -241,6 +242,20 @@ render() {  # render TEMPLATE OUT
     s=${s//@LOAD_STREAM@/$stream_load}
     s=${s//@STREAM_BLOCK@/$stream_block}
     s=${s//@STREAM_NOTE@/$note}
+    local haproxy_headers="" nginx_headers=""
+    if [[ $PEER_HEADERS == 1 ]]; then
+        haproxy_headers="    option forwardfor
+    http-request set-header X-Forwarded-Proto http if !{ req.hdr(x-forwarded-proto) -m found }
+    unique-id-format %{+X}o%pid-%rt
+    unique-id-header X-Request-Id
+    http-response set-header X-Request-Id %[unique-id]"
+        nginx_headers="            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Request-Id \$request_id;
+            add_header X-Request-Id \$request_id always;"
+    fi
+    s=${s//@HAPROXY_HEADERS@/$haproxy_headers}
+    s=${s//@NGINX_HEADERS@/$nginx_headers}
     printf '%s\n' "$s" >"$2"
 }
 
@@ -515,6 +530,7 @@ json.dump({
     "versions": "$versions",
     "pinning": "proxy under test -> CPU $PROXY_CPU (alone); upstream nginx -> CPU $UPSTREAM_CPU; load generator -> CPU $CLIENT_CPU (shares with the upstream); for direct the load generator gets CPU $DIRECT_CLIENT_CPU",
     "lameduck": "$LAMEDUCK_DESC",
+    "peer headers": "HAProxy and nginx add X-Forwarded-For, X-Forwarded-Proto and a request id (to the app and back), as lameduck does" if "$PEER_HEADERS" == "1" else "off (PEER_HEADERS=0): HAProxy and nginx add no headers; lameduck still adds its own",
 }, open(sys.argv[1], "w"), indent=1)
 EOF
     local stamp
