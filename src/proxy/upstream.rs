@@ -107,6 +107,49 @@ impl Inner {
     }
 }
 
+/// App connections for one HTTP/1 request: a pooled one first, else a new
+/// one. A pooled connection may have been closed by the app a moment ago, so
+/// a replayable request (safe to send twice, RFC 9110 §9.2.2) that fails on
+/// one before the app answered gets one more try, on a new connection.
+pub struct Attempts<'a> {
+    upstream: &'a Upstream,
+    replayable: bool,
+    last_was_pooled: bool,
+    retried: bool,
+}
+
+impl<'a> Attempts<'a> {
+    pub fn new(upstream: &'a Upstream, replayable: bool) -> Self {
+        Attempts {
+            upstream,
+            replayable,
+            last_was_pooled: false,
+            retried: false,
+        }
+    }
+
+    pub async fn connection(&mut self) -> Result<TcpStream, UpstreamError> {
+        let pooled = if self.retried {
+            None
+        } else {
+            self.upstream.checkout_stream()
+        };
+        self.last_was_pooled = pooled.is_some();
+        match pooled {
+            Some(stream) => Ok(stream),
+            None => self.upstream.connect_tcp().await,
+        }
+    }
+
+    /// The last connection failed before the app answered: whether to try
+    /// again (on a new connection).
+    pub fn retry(&mut self) -> bool {
+        let retry = self.last_was_pooled && self.replayable && !self.retried;
+        self.retried |= retry;
+        retry
+    }
+}
+
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,

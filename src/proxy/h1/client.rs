@@ -23,9 +23,10 @@ use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::chunked::{ChunkedError, ChunkedScanner};
+use super::BodyCursor;
+use super::chunked::ChunkedError;
 use super::head::{self, Framing};
-use crate::proxy::upstream::{BoxError, Upstream, UpstreamError};
+use crate::proxy::upstream::{Attempts, BoxError, Upstream, UpstreamError};
 
 /// First read of a response: most heads (and small bodies) fit; a 4 KiB
 /// allocation per request stays cheap.
@@ -45,21 +46,11 @@ pub async fn send(
     let chunked = write_request_head(&parts, &body, &mut out);
     // Requests without a body are sent whole and may be sent twice.
     let replayable = body.is_end_stream() && parts.method.is_idempotent();
-    let mut fresh_only = false;
+    let mut attempts = Attempts::new(upstream, replayable);
     loop {
-        let pooled = if fresh_only {
-            None
-        } else {
-            upstream.checkout_stream()
-        };
-        let retry_on_failure = pooled.is_some() && replayable;
-        let mut app = match pooled {
-            Some(app) => app,
-            None => upstream.connect_tcp().await?,
-        };
+        let mut app = attempts.connection().await?;
         if let Err(e) = app.write_all(&out).await {
-            if retry_on_failure {
-                fresh_only = true;
+            if attempts.retry() {
                 continue;
             }
             return Err(UpstreamError::Closed(e.into()));
@@ -68,10 +59,11 @@ pub async fn send(
             send_body(&mut app, &mut body, chunked).await?;
         }
         match read_response(app, is_head, upstream).await {
-            Err(ReadError::NothingReceived(_)) if retry_on_failure => fresh_only = true,
+            Ok(response) => return Ok(response),
+            // (`retry` is asked only when nothing came back.)
+            Err(ReadError::NothingReceived(_)) if attempts.retry() => {}
             Err(ReadError::NothingReceived(e)) => return Err(UpstreamError::Closed(e.into())),
             Err(ReadError::Failed(e)) => return Err(e),
-            Ok(response) => return Ok(response),
         }
     }
 }
@@ -228,16 +220,9 @@ fn closed_mid_head() -> UpstreamError {
 pub struct AppBody {
     app: Option<TcpStream>,
     buf: BytesMut,
-    state: BodyState,
+    state: BodyCursor,
     reusable: bool,
     upstream: Upstream,
-}
-
-enum BodyState {
-    Length(u64),
-    Chunked(ChunkedScanner),
-    UntilClose,
-    Done,
 }
 
 impl AppBody {
@@ -248,12 +233,7 @@ impl AppBody {
         reusable: bool,
         upstream: Upstream,
     ) -> Self {
-        let state = match framing {
-            Framing::Empty => BodyState::Done,
-            Framing::Length(n) => BodyState::Length(n),
-            Framing::Chunked => BodyState::Chunked(ChunkedScanner::new()),
-            Framing::UntilClose => BodyState::UntilClose,
-        };
+        let state = BodyCursor::new(framing);
         let mut body = AppBody {
             app: Some(app),
             buf,
@@ -270,7 +250,7 @@ impl AppBody {
     /// The body ended cleanly: the connection can carry the next request,
     /// unless the app sent more than the body.
     fn finish(&mut self) {
-        self.state = BodyState::Done;
+        self.state = BodyCursor::Done;
         if let Some(app) = self.app.take()
             && self.reusable
             && self.buf.is_empty()
@@ -281,7 +261,7 @@ impl AppBody {
 
     fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.app = None;
-        self.state = BodyState::Done;
+        self.state = BodyCursor::Done;
         Poll::Ready(Some(Err(error.into())))
     }
 
@@ -291,9 +271,9 @@ impl AppBody {
             return Ok(None);
         }
         match &mut self.state {
-            BodyState::Done => Ok(None),
-            BodyState::UntilClose => Ok(Some(self.buf.split().freeze())),
-            BodyState::Length(remaining) => {
+            BodyCursor::Done => Ok(None),
+            BodyCursor::UntilClose => Ok(Some(self.buf.split().freeze())),
+            BodyCursor::Length(remaining) => {
                 let n = (*remaining).min(self.buf.len() as u64);
                 *remaining -= n;
                 let data = self.buf.split_to(n as usize).freeze();
@@ -302,7 +282,7 @@ impl AppBody {
                 }
                 Ok(Some(data))
             }
-            BodyState::Chunked(decoder) => loop {
+            BodyCursor::Chunked(decoder) => loop {
                 let (consumed, data) = decoder.decode(&self.buf)?;
                 let data_len = data.len();
                 let done = decoder.is_done();
@@ -337,7 +317,7 @@ impl Body for AppBody {
                 Ok(None) => {}
                 Err(e) => return this.fail(e),
             }
-            if matches!(this.state, BodyState::Done) {
+            if this.state.is_done() {
                 return Poll::Ready(None);
             }
             let Some(app) = this.app.as_mut() else {
@@ -349,9 +329,9 @@ impl Body for AppBody {
                 cx,
                 &mut this.buf
             )) {
-                Ok(0) if matches!(this.state, BodyState::UntilClose) => {
+                Ok(0) if this.state.ends_at_close() => {
                     this.app = None;
-                    this.state = BodyState::Done;
+                    this.state = BodyCursor::Done;
                     return Poll::Ready(None);
                 }
                 Ok(0) => {
@@ -364,13 +344,13 @@ impl Body for AppBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, BodyState::Done)
+        self.state.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.state {
-            BodyState::Length(n) => SizeHint::with_exact(n),
-            BodyState::Done => SizeHint::with_exact(0),
+            BodyCursor::Length(n) => SizeHint::with_exact(n),
+            BodyCursor::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
     }

@@ -33,7 +33,7 @@ use tracing::Instrument;
 
 use super::guard::RequestGuard;
 use super::http::ConnShared;
-use super::upstream::UpstreamError;
+use super::upstream::{Attempts, UpstreamError};
 use crate::metrics::UpstreamErrorKind;
 use chunked::{ChunkedError, ChunkedScanner};
 use head::{Framing, RequestHead, ResponseHead};
@@ -244,24 +244,11 @@ impl<'a> Connection<'a> {
         replayable: bool,
         req: &head::Request,
     ) -> Result<(TcpStream, head::Response), Failure> {
-        let upstream = &self.shared.ctx.upstream;
-        let mut fresh_only = false;
+        let mut attempts = Attempts::new(&self.shared.ctx.upstream, replayable);
         loop {
-            let pooled = if fresh_only {
-                None
-            } else {
-                upstream.checkout_stream()
-            };
-            // A reused connection may have been closed by the app a moment
-            // ago; a replayable request then gets one more try on a new one.
-            let retry_on_failure = pooled.is_some() && replayable;
-            let mut app = match pooled {
-                Some(app) => app,
-                None => upstream.connect_tcp().await.map_err(Failure::Upstream)?,
-            };
+            let mut app = attempts.connection().await.map_err(Failure::Upstream)?;
             if let Err(e) = app.write_all(&self.out).await {
-                if retry_on_failure {
-                    fresh_only = true;
+                if attempts.retry() {
                     continue;
                 }
                 return Err(closed(e));
@@ -271,9 +258,8 @@ impl<'a> Connection<'a> {
             }
             match self.read_response_head(&mut app, req).await {
                 Ok(response) => return Ok((app, response)),
-                Err(ReadHeadError::ClosedBeforeResponse(_)) if retry_on_failure => {
-                    fresh_only = true;
-                }
+                // (`retry` is asked only when nothing came back.)
+                Err(ReadHeadError::ClosedBeforeResponse(_)) if attempts.retry() => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -473,7 +459,7 @@ fn closed(error: io::Error) -> Failure {
 }
 
 /// Where a body ends, fed the bytes as they arrive.
-enum BodyCursor {
+pub(super) enum BodyCursor {
     Done,
     Length(u64),
     Chunked(ChunkedScanner),
@@ -481,7 +467,7 @@ enum BodyCursor {
 }
 
 impl BodyCursor {
-    fn new(framing: Framing) -> Self {
+    pub(super) fn new(framing: Framing) -> Self {
         match framing {
             Framing::Empty => BodyCursor::Done,
             Framing::Length(n) => BodyCursor::Length(n),
@@ -513,11 +499,11 @@ impl BodyCursor {
         }
     }
 
-    fn is_done(&self) -> bool {
+    pub(super) fn is_done(&self) -> bool {
         matches!(self, BodyCursor::Done)
     }
 
-    fn ends_at_close(&self) -> bool {
+    pub(super) fn ends_at_close(&self) -> bool {
         matches!(self, BodyCursor::UntilClose)
     }
 
