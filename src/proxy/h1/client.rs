@@ -95,23 +95,30 @@ async fn send_body(
     chunked: bool,
 ) -> Result<(), UpstreamError> {
     let closed = |e: io::Error| UpstreamError::Closed(e.into());
+    // A small chunk goes out whole in one write: size line, data, CRLF.
+    let mut chunk = Vec::new();
     while let Some(frame) = body.frame().await {
         // The client's body failed: the app must not take a truncated one.
         let frame = frame.map_err(|e| UpstreamError::Closed(e.into()))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if chunked {
-            if data.is_empty() {
-                continue;
-            }
+        if !chunked {
+            app.write_all(&data).await.map_err(closed)?;
+        } else if data.is_empty() {
+            // An empty chunk would end the body early.
+        } else if data.len() <= BODY_READ {
+            chunk.clear();
+            chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            chunk.extend_from_slice(&data);
+            chunk.extend_from_slice(b"\r\n");
+            app.write_all(&chunk).await.map_err(closed)?;
+        } else {
             app.write_all(format!("{:x}\r\n", data.len()).as_bytes())
                 .await
                 .map_err(closed)?;
             app.write_all(&data).await.map_err(closed)?;
             app.write_all(b"\r\n").await.map_err(closed)?;
-        } else {
-            app.write_all(&data).await.map_err(closed)?;
         }
     }
     if chunked {
