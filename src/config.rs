@@ -113,6 +113,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// A TCP-mode stream or WebSocket tunnel with no byte in either direction
+    /// for this long is closed (Envoy's TCP proxy default).
+    #[arg(long, env = "LAMEDUCK_TUNNEL_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub tunnel_idle_timeout: Duration,
+
     /// Time allowed to open a TCP connection to the app.
     #[arg(long, env = "LAMEDUCK_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub upstream_connect_timeout: Duration,
@@ -187,6 +192,7 @@ pub struct Config {
     pub max_connections: u32,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
 }
@@ -216,6 +222,7 @@ impl ProxyArgs {
             ("drain-timeout", self.drain_timeout),
             ("header-read-timeout", self.header_read_timeout),
             ("idle-timeout", self.idle_timeout),
+            ("tunnel-idle-timeout", self.tunnel_idle_timeout),
             ("upstream-connect-timeout", self.upstream_connect_timeout),
             ("upstream-timeout", self.upstream_timeout),
         ] {
@@ -240,6 +247,7 @@ impl ProxyArgs {
             max_connections: self.max_connections,
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
+            tunnel_idle_timeout: self.tunnel_idle_timeout,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_timeout: self.upstream_timeout,
         })

@@ -140,3 +140,31 @@ async fn drain_refuses_new_streams_after_the_window_keeps_open_ones_then_exits_0
         closed.elapsed()
     );
 }
+
+/// A stream nobody uses any more is closed after --tunnel-idle-timeout; one
+/// that keeps talking outlives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_are_closed_after_the_tunnel_idle_timeout() {
+    let (_up, ld) = setup(EchoMode::Streaming, &["--tunnel-idle-timeout", "1s"]).await;
+    let mut talking = TcpStream::connect(ld.proxy_addr()).await.unwrap();
+    let mut silent = TcpStream::connect(ld.proxy_addr()).await.unwrap();
+    roundtrip(&mut silent, b"hello").await;
+    let silent_since = Instant::now();
+    // 3 s of traffic every 250 ms: three timeouts' worth.
+    for _ in 0..12 {
+        roundtrip(&mut talking, b"still here").await;
+        tokio::time::sleep(ms(250)).await;
+    }
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(secs(5), silent.read(&mut buf))
+        .await
+        .expect("the silent stream was not closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert_between(
+        silent_since.elapsed(),
+        ms(900),
+        secs(5),
+        "idle close after 1s",
+    );
+    roundtrip(&mut talking, b"and now").await;
+}

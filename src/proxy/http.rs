@@ -37,6 +37,7 @@ use super::guard::{ConnActivity, ConnectionGuard, GaugeGuard, RequestGuard, Time
 use super::h1;
 use super::headers;
 use super::io::{ServerIo, sniff};
+use super::relay::relay;
 use super::upstream::UpstreamError;
 use super::{ProxyContext, TrackedExecutor};
 use crate::metrics::Protocol;
@@ -383,12 +384,9 @@ async fn tunnel(
     };
     let _open = GaugeGuard::new(&ctx.lifecycle.metrics.upgrades_active);
     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    let idle_timeout = ctx.config.tunnel_idle_timeout;
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            if let Err(e) = copied {
-                tracing::debug!(error = %e, "tunnel ended with an error");
-            }
-        }
+        ended = relay(&mut client, &mut upstream, idle_timeout) => ended.log("tunnel"),
         () = ctx.lifecycle.tokens.force.cancelled() => conn.mark_forced(),
     }
 }

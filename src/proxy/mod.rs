@@ -11,6 +11,7 @@ pub mod h1;
 pub mod headers;
 pub mod http;
 pub mod io;
+pub mod relay;
 pub mod tcp;
 pub mod upstream;
 

@@ -1,6 +1,7 @@
 //! TCP mode: byte-for-byte passthrough. `copy_bidirectional` forwards a FIN
 //! from either side as a write shutdown on the other, so half-closed streams
-//! work. Streams run until they end or the drain deadline forces them.
+//! work. Streams run until they end, go idle for --tunnel-idle-timeout, or the
+//! drain deadline forces them.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use tokio::net::TcpStream;
 
 use super::ProxyContext;
 use super::guard::ConnectionGuard;
+use super::relay::relay;
 use super::upstream::UpstreamError;
 use crate::metrics::Protocol;
 
@@ -38,12 +40,9 @@ pub async fn serve_stream(
             return;
         }
     };
+    let idle_timeout = ctx.config.tunnel_idle_timeout;
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            if let Err(e) = copied {
-                tracing::debug!(error = %e, "tcp stream ended with an error");
-            }
-        }
+        ended = relay(&mut client, &mut upstream, idle_timeout) => ended.log("tcp stream"),
         () = force.cancelled() => guard.mark_forced(),
     }
 }
