@@ -335,14 +335,19 @@ mod tests {
     /// Scans `input` in pieces cut at `cuts` (any order, duplicates allowed),
     /// checking the per-call contract. Returns the total consumed or the first
     /// error, and whether the scanner ended done.
-    fn scan_in_pieces(input: &[u8], cuts: &[Index]) -> (Result<usize, ChunkedError>, bool) {
+    /// `input` split at the given cut points (in any order, repeats allowed).
+    fn pieces<'a>(input: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
         let mut bounds: Vec<usize> = cuts.iter().map(|cut| cut.index(input.len() + 1)).collect();
         bounds.push(0);
         bounds.push(input.len());
         bounds.sort_unstable();
+        bounds.windows(2).map(|w| &input[w[0]..w[1]]).collect()
+    }
+
+    fn scan_in_pieces(input: &[u8], cuts: &[Index]) -> (Result<usize, ChunkedError>, bool) {
         let mut scanner = ChunkedScanner::new();
         let mut consumed = 0;
-        for piece in bounds.windows(2).map(|w| &input[w[0]..w[1]]) {
+        for piece in pieces(input, cuts) {
             let was_done = scanner.is_done();
             match scanner.scan(piece) {
                 Ok(n) => {
@@ -702,17 +707,10 @@ mod tests {
             cuts in cuts(),
         ) {
             let encoded = body.encode();
-            let mut input = encoded.clone();
-            input.extend_from_slice(&next_message);
-
-            let mut bounds: Vec<usize> =
-                cuts.iter().map(|cut| cut.index(input.len() + 1)).collect();
-            bounds.push(0);
-            bounds.push(input.len());
-            bounds.sort_unstable();
+            let input = [&encoded[..], &next_message].concat();
             let mut scanner = ChunkedScanner::new();
             let mut consumed = 0;
-            for piece in bounds.windows(2).map(|w| &input[w[0]..w[1]]) {
+            for piece in pieces(&input, &cuts) {
                 let n = scanner.scan(piece).unwrap();
                 consumed += n;
                 prop_assert_eq!(scanner.is_done(), consumed == encoded.len());
@@ -729,16 +727,10 @@ mod tests {
             cuts in cuts(),
         ) {
             let encoded = body.encode();
-            let mut input = encoded.clone();
-            input.extend_from_slice(&next_message);
-            let mut bounds: Vec<usize> =
-                cuts.iter().map(|cut| cut.index(input.len() + 1)).collect();
-            bounds.push(0);
-            bounds.push(input.len());
-            bounds.sort_unstable();
+            let input = [&encoded[..], &next_message].concat();
             let mut decoder = ChunkedScanner::new();
             let (mut consumed, mut data) = (0, Vec::new());
-            for piece in bounds.windows(2).map(|w| &input[w[0]..w[1]]) {
+            for piece in pieces(&input, &cuts) {
                 let mut rest = piece;
                 while !rest.is_empty() && !decoder.is_done() {
                     let (n, chunk) = decoder.decode(rest).unwrap();
