@@ -294,21 +294,28 @@ impl ConnShared {
                     request.set_status(101);
                     return response.map(|body| ProxyBody::hyper(body, request));
                 }
-                headers::strip_hop_by_hop(response.headers_mut(), false);
-                self.finish_headers(response.headers_mut(), request_id);
-                request.set_status(response.status().as_u16());
-                return response.map(|body| ProxyBody::hyper(body, request));
+                return self.proxied(response, request, request_id, ProxyBody::hyper);
             }
             let sent = timeout(limit, h1::client::send(upstream, req)).await;
-            let mut response = match sent.unwrap_or(Err(UpstreamError::Timeout(limit))) {
-                Ok(response) => response,
-                Err(error) => return self.upstream_error(error, request, request_id),
-            };
-            headers::strip_hop_by_hop(response.headers_mut(), false);
-            self.finish_headers(response.headers_mut(), request_id);
-            request.set_status(response.status().as_u16());
-            response.map(|body| ProxyBody::app(body, request))
+            match sent.unwrap_or(Err(UpstreamError::Timeout(limit))) {
+                Ok(response) => self.proxied(response, request, request_id, ProxyBody::app),
+                Err(error) => self.upstream_error(error, request, request_id),
+            }
         }
+    }
+
+    /// The app's response as the client gets it, whichever client produced it.
+    fn proxied<B>(
+        &self,
+        mut response: Response<B>,
+        mut request: RequestGuard,
+        request_id: HeaderValue,
+        body: impl FnOnce(B, RequestGuard) -> ProxyBody,
+    ) -> Response<ProxyBody> {
+        headers::strip_hop_by_hop(response.headers_mut(), false);
+        self.finish_headers(response.headers_mut(), request_id);
+        request.set_status(response.status().as_u16());
+        response.map(|b| body(b, request))
     }
 
     /// `x-request-id` on every response; `Connection: close` on HTTP/1 ones
