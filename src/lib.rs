@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod drain_client;
 pub mod lifecycle;
 pub mod metrics;

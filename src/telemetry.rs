@@ -135,7 +135,7 @@ impl LogBudget {
     /// `Some(left_out)`: log this one, mentioning the lines left out since
     /// the last one logged. `None`: over budget, skip it.
     pub fn admit(&self) -> Option<u64> {
-        self.admit_at(crate::proxy::guard::now_ms() / 1000)
+        self.admit_at(crate::drain::now_ms() / 1000)
     }
 
     fn admit_at(&self, second: u64) -> Option<u64> {

@@ -25,7 +25,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::lifecycle::{Event, Lifecycle, State};
+use crate::drain::{DrainState, Event, State};
 
 /// Admin connections served at once; more are closed at accept.
 const MAX_ADMIN_CONNECTIONS: usize = 128;
@@ -36,7 +36,7 @@ const MAX_DRAINED_WAIT: Duration = Duration::from_secs(600);
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct AdminState {
-    lifecycle: Arc<Lifecycle>,
+    lifecycle: Arc<DrainState>,
     events: mpsc::Sender<Event>,
     drained_waiters: Semaphore,
 }
@@ -50,7 +50,7 @@ pub struct AdminServer {
 impl AdminServer {
     pub fn start(
         listener: TcpListener,
-        lifecycle: Arc<Lifecycle>,
+        lifecycle: Arc<DrainState>,
         events: mpsc::Sender<Event>,
     ) -> Self {
         let state = Arc::new(AdminState {
@@ -267,7 +267,7 @@ struct Status {
 }
 
 impl Status {
-    fn of(lifecycle: &Lifecycle) -> Status {
+    fn of(lifecycle: &DrainState) -> Status {
         Status {
             state: lifecycle.state().as_str(),
             phase: lifecycle.phase().as_str(),

@@ -7,7 +7,6 @@
 //! exit status. Nothing else in the program exits the process.
 
 pub mod signals;
-mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,8 +18,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use signals::Event;
-pub use state::{DrainSummary, DrainTokens, Lifecycle, Outcome, Phase, State};
+use crate::drain::{DrainState, Event, Outcome, Phase};
 
 use crate::admin::AdminServer;
 use crate::config::Config;
@@ -96,7 +94,7 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
     let (proxy_listener, admin_listener) = (bound.proxy, bound.admin);
     let (proxy_addr, admin_addr) = (bound.proxy_addr, bound.admin_addr);
 
-    let lifecycle = Arc::new(Lifecycle::new(Metrics::new()));
+    let lifecycle = Arc::new(DrainState::new(Metrics::new()));
     let upstream = Upstream::new(&config);
     tracing::info!(
         proxy = %proxy_addr,
@@ -168,7 +166,7 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
 /// The part of `run` that reacts to events while time passes.
 struct Driver<'a> {
     config: &'a Config,
-    lifecycle: &'a Lifecycle,
+    lifecycle: &'a DrainState,
     events: mpsc::Receiver<Event>,
     logs: LogReloader,
     /// A stop signal forces the exit (true once a signal started the drain).
@@ -303,7 +301,7 @@ impl Driver<'_> {
 
 /// Watches whether the app accepts TCP connections: `starting → serving` on the
 /// first success, and `/ready` fails while the app refuses.
-async fn probe_upstream(upstream: Upstream, lifecycle: Arc<Lifecycle>, stop: CancellationToken) {
+async fn probe_upstream(upstream: Upstream, lifecycle: Arc<DrainState>, stop: CancellationToken) {
     loop {
         let up = tokio::select! {
             connected = upstream.connect_tcp() => connected.is_ok(),

@@ -8,16 +8,7 @@
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
-/// What the lifecycle reacts to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    /// SIGTERM or SIGINT: start the drain, or force the exit if draining.
-    Stop(&'static str),
-    /// SIGHUP: reload what can be reloaded.
-    Reload,
-    /// `POST /drain` on the admin port.
-    DrainRequested,
-}
+use crate::drain::Event;
 
 pub struct OsSignals {
     terminate: Signal,

@@ -1,131 +1,12 @@
-//! RAII accounting: a connection or request is counted from the moment its
-//! guard exists until the guard drops, whatever path the code takes out.
-//! The same atomics answer "is anything left?" for the drain and feed the
-//! metrics; nothing ever scans a list of connections.
+//! RAII accounting of requests and per-connection activity: a request is
+//! counted from its head until its guard drops, whatever path the code takes
+//! out. Connection counting lives in the drain state ([`crate::drain`]).
 
 use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
-use crate::lifecycle::Lifecycle;
-use crate::metrics::Protocol;
-
-/// Counts open downstream connections (all protocols, tunnels included).
-#[derive(Debug, Default)]
-pub struct ConnectionTracker {
-    active: AtomicUsize,
-    draining: AtomicBool,
-    closed_graceful: AtomicU64,
-    closed_forced: AtomicU64,
-    all_closed: Notify,
-}
-
-impl ConnectionTracker {
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn set_draining(&self) {
-        self.draining.store(true, Ordering::Release);
-    }
-
-    /// (graceful, forced) closures counted since the drain started.
-    pub fn drain_closures(&self) -> (u64, u64) {
-        (
-            self.closed_graceful.load(Ordering::Acquire),
-            self.closed_forced.load(Ordering::Acquire),
-        )
-    }
-
-    fn release(&self) {
-        let was = self.active.fetch_sub(1, Ordering::AcqRel);
-        // Only the drain waits for zero; outside it, skip the Notify's lock.
-        if was == 1 && self.draining.load(Ordering::Acquire) {
-            self.all_closed.notify_waiters();
-        }
-    }
-
-    /// Resolves once no connection is open.
-    pub async fn wait_all_closed(&self) {
-        loop {
-            let notified = self.all_closed.notified();
-            tokio::pin!(notified);
-            // Register before checking, so a release between the check and the
-            // await cannot be missed.
-            notified.as_mut().enable();
-            if self.active() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// One open downstream connection. Shared (`Arc`) with an upgraded tunnel, so
-/// the connection stays counted until both the HTTP side and the tunnel end.
-pub struct ConnectionGuard {
-    lifecycle: Arc<Lifecycle>,
-    protocol: Option<Protocol>,
-    forced: AtomicBool,
-}
-
-impl ConnectionGuard {
-    /// Counts a new connection, or refuses it when `max` are already open.
-    pub fn try_open(lifecycle: &Arc<Lifecycle>, max: usize) -> Option<ConnectionGuard> {
-        let tracker = &lifecycle.connections;
-        if tracker.active.fetch_add(1, Ordering::AcqRel) >= max {
-            tracker.release();
-            lifecycle.metrics.connections_rejected.inc();
-            return None;
-        }
-        Some(ConnectionGuard {
-            lifecycle: lifecycle.clone(),
-            protocol: None,
-            forced: AtomicBool::new(false),
-        })
-    }
-
-    /// The protocol is known only once the first bytes are read.
-    pub fn set_protocol(&mut self, protocol: Protocol) {
-        debug_assert!(self.protocol.is_none());
-        self.lifecycle.metrics.connection_opened(protocol);
-        self.protocol = Some(protocol);
-    }
-
-    /// This connection is being closed by the deadline, not by its peer.
-    pub fn mark_forced(&self) {
-        self.forced.store(true, Ordering::Release);
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        let metrics = &self.lifecycle.metrics;
-        if let Some(protocol) = self.protocol {
-            metrics.connections_active(protocol).dec();
-        }
-        let tracker = &self.lifecycle.connections;
-        if tracker.draining.load(Ordering::Acquire) {
-            if self.forced.load(Ordering::Acquire) {
-                tracker.closed_forced.fetch_add(1, Ordering::AcqRel);
-                metrics.drain_closed_forced.inc();
-            } else {
-                tracker.closed_graceful.fetch_add(1, Ordering::AcqRel);
-                metrics.drain_closed_graceful.inc();
-            }
-        }
-        tracker.release();
-    }
-}
-
-/// Milliseconds on a process-wide monotonic clock; never 0, so 0 can mean "unset".
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
+use crate::drain::{DrainState, now_ms};
 
 /// Per-connection activity, read by the connection's timer to enforce the
 /// header-read and idle timeouts. Written by the connection's own I/O and
@@ -230,14 +111,14 @@ impl Default for ConnActivity {
 
 /// One request, from its head to the end of its response body.
 pub struct RequestGuard {
-    lifecycle: Arc<Lifecycle>,
+    lifecycle: Arc<DrainState>,
     activity: Arc<ConnActivity>,
     started: Instant,
     status: u16,
 }
 
 impl RequestGuard {
-    pub fn start(lifecycle: Arc<Lifecycle>, activity: Arc<ConnActivity>) -> RequestGuard {
+    pub fn start(lifecycle: Arc<DrainState>, activity: Arc<ConnActivity>) -> RequestGuard {
         lifecycle.metrics.requests_in_flight.inc();
         activity.request_started();
         RequestGuard {

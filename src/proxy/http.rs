@@ -33,13 +33,14 @@ use tokio::time::{Instant, sleep, timeout};
 use tracing::Instrument;
 
 use super::body::ProxyBody;
-use super::guard::{ConnActivity, ConnectionGuard, GaugeGuard, RequestGuard, TimerVerdict};
+use super::guard::{ConnActivity, GaugeGuard, RequestGuard, TimerVerdict};
 use super::h1;
 use super::headers;
 use super::io::{ServerIo, sniff};
 use super::relay::relay;
 use super::upstream::UpstreamError;
 use super::{ProxyContext, TrackedExecutor};
+use crate::drain::ConnectionGuard;
 use crate::metrics::Protocol;
 
 pub async fn serve_connection(

@@ -27,9 +27,9 @@ use tokio::time::timeout;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Mode};
-use crate::lifecycle::Lifecycle;
+use crate::drain::ConnectionGuard;
+use crate::drain::DrainState;
 use crate::telemetry::LogBudget;
-use guard::ConnectionGuard;
 use headers::RequestIds;
 use upstream::Upstream;
 
@@ -40,7 +40,7 @@ const UPSTREAM_FAILURE_LOGS_PER_SECOND: u32 = 10;
 
 /// Everything a connection needs, shared by all of them.
 pub struct ProxyContext {
-    pub lifecycle: Arc<Lifecycle>,
+    pub lifecycle: Arc<DrainState>,
     pub upstream: Upstream,
     pub config: Config,
     pub ids: RequestIds,
@@ -70,7 +70,7 @@ where
 impl ProxyContext {
     pub fn new(
         config: Config,
-        lifecycle: Arc<Lifecycle>,
+        lifecycle: Arc<DrainState>,
         upstream: Upstream,
         tasks: TaskTracker,
     ) -> Self {

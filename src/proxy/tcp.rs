@@ -8,9 +8,9 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::ProxyContext;
-use super::guard::ConnectionGuard;
 use super::relay::relay;
 use super::upstream::UpstreamError;
+use crate::drain::ConnectionGuard;
 use crate::metrics::Protocol;
 
 pub async fn serve_stream(

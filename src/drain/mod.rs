@@ -1,7 +1,13 @@
-//! The observable lifecycle: state, drain phase, the cancellation tree and the
-//! drain's figures. One task (`lifecycle::run`) changes it; everything else
+//! The drain state everyone observes: lifecycle state, drain phase, the
+//! cancellation tree, connection counters and the drain's figures. A leaf:
+//! `proxy`, `admin` and `kube` read it, `lifecycle` (the orchestrator on top)
+//! changes it. One task (`lifecycle::run`) moves the state; everything else
 //! only reads it, through atomics, so readiness and the hot path never wait on
 //! a lock.
+
+mod connections;
+
+pub use connections::{ConnectionGuard, ConnectionTracker};
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -12,7 +18,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::proxy::guard::ConnectionTracker;
 
 /// `starting → serving → draining → drained`; the order is the numeric order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -81,7 +86,7 @@ impl Phase {
 /// also cancels `stop_accepting`, so a forced exit closes the listener too
 /// without anyone having to remember both. The start of the drain itself is
 /// not a token: the hot path reads it from the state atomic
-/// ([`Lifecycle::is_draining`]).
+/// ([`DrainState::is_draining`]).
 #[derive(Debug, Clone)]
 pub struct DrainTokens {
     /// Cancelled at the deadline or on a second signal: drop what is left.
@@ -151,7 +156,7 @@ struct DrainClock {
     deadline_unix: Duration,
 }
 
-pub struct Lifecycle {
+pub struct DrainState {
     state: AtomicU8,
     phase: AtomicU8,
     upstream_up: AtomicBool,
@@ -169,10 +174,10 @@ fn unix_now() -> Duration {
         .unwrap_or_default()
 }
 
-impl Lifecycle {
+impl DrainState {
     pub fn new(metrics: Metrics) -> Self {
         metrics.set_state(State::Starting as usize);
-        Lifecycle {
+        DrainState {
             state: AtomicU8::new(State::Starting as u8),
             phase: AtomicU8::new(Phase::Accepting as u8),
             upstream_up: AtomicBool::new(false),
@@ -326,4 +331,21 @@ impl Lifecycle {
     pub fn subscribe_drained(&self) -> watch::Receiver<Option<DrainSummary>> {
         self.drained.subscribe()
     }
+}
+
+/// What the lifecycle reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// SIGTERM or SIGINT: start the drain, or force the exit if draining.
+    Stop(&'static str),
+    /// SIGHUP: reload what can be reloaded.
+    Reload,
+    /// `POST /drain` on the admin port.
+    DrainRequested,
+}
+
+/// Milliseconds on a process-wide monotonic clock; never 0, so 0 can mean "unset".
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
