@@ -77,6 +77,127 @@ impl UpstreamErrorKind {
     }
 }
 
+/// A per-connection timeout that cut a connection, the `kind` label of `timeouts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// --header-read-timeout: a request head took too long to arrive.
+    HeaderRead = 0,
+    /// --idle-timeout: no request on a keep-alive connection.
+    Idle = 1,
+    /// --body-read-timeout: no byte of a request body for that long.
+    BodyRead = 2,
+    /// --send-timeout: a write to the client blocked for that long.
+    Send = 3,
+}
+
+impl TimeoutKind {
+    const ALL: [TimeoutKind; 4] = [
+        TimeoutKind::HeaderRead,
+        TimeoutKind::Idle,
+        TimeoutKind::BodyRead,
+        TimeoutKind::Send,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutKind::HeaderRead => "header_read",
+            TimeoutKind::Idle => "idle",
+            TimeoutKind::BodyRead => "body_read",
+            TimeoutKind::Send => "send",
+        }
+    }
+}
+
+/// A call to the Kubernetes API, the `op` label of `kubernetes_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubeOp {
+    /// Loading the client configuration (in-cluster or kubeconfig).
+    Config = 0,
+    GetPod = 1,
+    ListEndpointSlices = 2,
+    WatchEndpointSlices = 3,
+    CreateEvent = 4,
+}
+
+impl KubeOp {
+    const ALL: [KubeOp; 5] = [
+        KubeOp::Config,
+        KubeOp::GetPod,
+        KubeOp::ListEndpointSlices,
+        KubeOp::WatchEndpointSlices,
+        KubeOp::CreateEvent,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KubeOp::Config => "config",
+            KubeOp::GetPod => "get_pod",
+            KubeOp::ListEndpointSlices => "list_endpointslices",
+            KubeOp::WatchEndpointSlices => "watch_endpointslices",
+            KubeOp::CreateEvent => "create_event",
+        }
+    }
+}
+
+/// Why the lame-duck window ended, the `reason` label of `drain_window_end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowEnd {
+    /// Every EndpointSlice that listed the pod stopped routing to it (+ margin).
+    EndpointsRemoved = 0,
+    /// The pod was in no EndpointSlice when the drain started (+ margin).
+    NoEndpoints = 1,
+    /// --drain-delay elapsed first.
+    DelayElapsed = 2,
+    /// The API could not tell; the fixed --drain-delay applied.
+    ApiUnavailable = 3,
+}
+
+impl WindowEnd {
+    const ALL: [WindowEnd; 4] = [
+        WindowEnd::EndpointsRemoved,
+        WindowEnd::NoEndpoints,
+        WindowEnd::DelayElapsed,
+        WindowEnd::ApiUnavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WindowEnd::EndpointsRemoved => "endpoints_removed",
+            WindowEnd::NoEndpoints => "no_endpoints",
+            WindowEnd::DelayElapsed => "delay_elapsed",
+            WindowEnd::ApiUnavailable => "api_unavailable",
+        }
+    }
+}
+
+/// Where the drain deadline came from, the `source` label of
+/// `drain_deadline_timestamp_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadlineSource {
+    /// The pod's `metadata.deletionTimestamp` minus the safety margin.
+    DeletionTimestamp = 0,
+    /// `spec.terminationGracePeriodSeconds` from the drain start, minus the margin.
+    GracePeriod = 1,
+    /// --drain-timeout from the drain start.
+    DrainTimeout = 2,
+}
+
+impl DeadlineSource {
+    const ALL: [DeadlineSource; 3] = [
+        DeadlineSource::DeletionTimestamp,
+        DeadlineSource::GracePeriod,
+        DeadlineSource::DrainTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadlineSource::DeletionTimestamp => "deletion_timestamp",
+            DeadlineSource::GracePeriod => "grace_period",
+            DeadlineSource::DrainTimeout => "drain_timeout",
+        }
+    }
+}
+
 /// The lifecycle states, in order; the `state` label.
 pub const STATE_NAMES: [&str; 4] = ["starting", "serving", "draining", "drained"];
 
@@ -97,6 +218,11 @@ pub struct Metrics {
     pub drain_duration: Gauge<f64, AtomicU64>,
     pub drain_closed_graceful: Counter,
     pub drain_closed_forced: Counter,
+    timeouts: [Counter; 4],
+    kubernetes_errors: [Counter; 5],
+    pub endpoints_serving: Gauge,
+    window_end: [Gauge; 4],
+    drain_deadline: [Gauge<f64, AtomicU64>; 3],
 }
 
 /// Registers a family with one label and returns the handle of each value, in order.
@@ -209,6 +335,40 @@ impl Metrics {
             "how",
             ["graceful", "forced"],
         );
+        let timeouts = labelled(
+            &mut registry,
+            "timeouts",
+            "Connections cut by a per-connection timeout",
+            "kind",
+            TimeoutKind::ALL.map(TimeoutKind::as_str),
+        );
+        let kubernetes_errors = labelled(
+            &mut registry,
+            "kubernetes_errors",
+            "Failed Kubernetes API calls (the drain falls back to its fixed window and deadline)",
+            "op",
+            KubeOp::ALL.map(KubeOp::as_str),
+        );
+        let endpoints_serving = Gauge::default();
+        registry.register(
+            "endpoints_serving",
+            "EndpointSlices still routing to this pod, while the drain watches them",
+            endpoints_serving.clone(),
+        );
+        let window_end = labelled(
+            &mut registry,
+            "drain_window_end",
+            "1 for the reason the lame-duck window ended (all 0 before)",
+            "reason",
+            WindowEnd::ALL.map(WindowEnd::as_str),
+        );
+        let drain_deadline = labelled(
+            &mut registry,
+            "drain_deadline_timestamp_seconds",
+            "Unix time of the drain's hard deadline, under the source it came from (0 before the drain)",
+            "source",
+            DeadlineSource::ALL.map(DeadlineSource::as_str),
+        );
         let build_info = Family::<Labels, Gauge>::default();
         registry.register("build_info", "Build information", build_info.clone());
         build_info
@@ -231,6 +391,36 @@ impl Metrics {
             drain_duration,
             drain_closed_graceful,
             drain_closed_forced,
+            timeouts,
+            kubernetes_errors,
+            endpoints_serving,
+            window_end,
+            drain_deadline,
+        }
+    }
+
+    pub fn timed_out(&self, kind: TimeoutKind) {
+        self.timeouts[kind as usize].inc();
+    }
+
+    pub fn kubernetes_error(&self, op: KubeOp) {
+        self.kubernetes_errors[op as usize].inc();
+    }
+
+    pub fn set_window_end(&self, reason: WindowEnd) {
+        for (i, gauge) in self.window_end.iter().enumerate() {
+            gauge.set(i64::from(i == reason as usize));
+        }
+    }
+
+    /// Publishes the deadline under its source; the other sources read 0.
+    pub fn set_drain_deadline(&self, source: DeadlineSource, unix_seconds: f64) {
+        for (i, gauge) in self.drain_deadline.iter().enumerate() {
+            gauge.set(if i == source as usize {
+                unix_seconds
+            } else {
+                0.0
+            });
         }
     }
 
