@@ -18,6 +18,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 export PATH="$PATH:/usr/sbin"
+# The strict app behind lameduck in tests/smuggling.rs parses with h11 (pure Python).
+python3 -c 'import h11' 2>/dev/null || python3 -m pip install --quiet 'h11==0.16.0'
 
 cargo test --locked --all-targets --no-fail-fast "$@"
 
