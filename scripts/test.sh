@@ -10,6 +10,8 @@ missing=()
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 # Debian's prometheus package ships promtool too.
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
+# The Kubernetes harness (tests/k8s) makes its certificates with openssl.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing test dependencies: ${missing[*]}"
   sudo=""
@@ -20,6 +22,11 @@ fi
 export PATH="$PATH:/usr/sbin"
 # The strict app behind lameduck in tests/smuggling.rs parses with h11 (pure Python).
 python3 -c 'import h11' 2>/dev/null || python3 -m pip install --quiet 'h11==0.16.0'
+
+# etcd, kube-apiserver, kube-controller-manager (+ scheduler, kubelet,
+# kube-proxy, kubectl) for the tests in tests/k8s*: built from the Go module
+# proxy once (cached, ~8 min cold on 2 cores), a no-op afterwards.
+bash scripts/k8s-build.sh >/dev/null
 
 cargo test --locked --all-targets --no-fail-fast "$@"
 
