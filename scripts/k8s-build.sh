@@ -95,21 +95,25 @@ ld_k8s="-s -w -X $vpkg.gitVersion=$K8S_VERSION -X $vpkg.gitMajor=1 -X $vpkg.gitM
 ld_k8s="$ld_k8s -X $vpkg.gitCommit=0000000000000000000000000000000000000000 -X $vpkg.gitTreeState=clean -X $vpkg.buildDate=$date_utc"
 ld_etcd="-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=module-$ETCD_VERSION"
 
-# build NAME PKG LDFLAGS: go build into a temp name in $DEST, then rename.
+# build NAME PKG LDFLAGS [MARKER]: go build into a temp name in $DEST, then
+# rename; a marker per binary lets an interrupted run resume where it stopped.
 build() {
-  local name="$1" pkg="$2" ld="$3" t=$SECONDS
-  [[ -x "$DEST/$name" && -f "$DEST/.ok-$name" ]] && return 0
+  local name="$1" pkg="$2" ld="$3" ok="$DEST/.ok-${4:-$1}" t=$SECONDS
+  [[ -x "$DEST/$name" && -f "$ok" ]] && return 0
   nice go build -trimpath -ldflags "$ld" -o "$DEST/.$name.tmp" "$pkg" || die "building $pkg"
   mv -f "$DEST/.$name.tmp" "$DEST/$name"
-  : >"$DEST/.ok-$name"
+  : >"$ok"
   echo "k8s-build.sh: $name built in $((SECONDS - t))s (total $((SECONDS - t0))s)" >&2
 }
 
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$ld_k8s"
-build etcd go.etcd.io/etcd/server/v3 "$ld_etcd"
+build etcd go.etcd.io/etcd/server/v3 "$ld_etcd" "etcd-$ETCD_VERSION"
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$ld_k8s"
-"$DEST/kube-apiserver" --version | grep -qF "Kubernetes $K8S_VERSION" || die "kube-apiserver --version is not $K8S_VERSION"
-"$DEST/etcd" --version | grep -qF "etcd Version: ${ETCD_VERSION#v}" || die "etcd --version is not $ETCD_VERSION"
+# (Captured first: `| grep -q` could SIGPIPE the binary and trip pipefail.)
+v="$("$DEST/kube-apiserver" --version)"
+[[ "$v" == "Kubernetes $K8S_VERSION" ]] || die "kube-apiserver --version is '$v', not $K8S_VERSION"
+v="$("$DEST/etcd" --version)"
+[[ "$v" == *"etcd Version: ${ETCD_VERSION#v}"* ]] || die "etcd --version is '$v', not $ETCD_VERSION"
 : >"$STAMP_CORE"
 if [[ "$want" != core ]]; then
   for c in "${EXTRA[@]}"; do build "$c" "k8s.io/kubernetes/cmd/$c" "$ld_k8s"; done
