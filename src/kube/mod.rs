@@ -10,6 +10,8 @@
 //! counted in `kubernetes_errors_total{op}` and logged without flooding.
 
 mod endpoints;
+#[cfg(test)]
+mod fake_api;
 mod watch;
 
 pub use watch::EndpointsReleased;
