@@ -67,9 +67,9 @@ pub struct PodFacts {
     pub ips: Vec<IpAddr>,
     /// `spec.terminationGracePeriodSeconds`.
     pub grace_period: Option<Duration>,
-    /// `metadata.deletionTimestamp`: set once the pod is being deleted; the
-    /// time by which the kubelet kills it is this plus nothing (the API sets
-    /// it to the deletion request time plus the grace period).
+    /// `metadata.deletionTimestamp`: set once the pod is being deleted, to the
+    /// delete request's time plus the grace period, i.e. when the kubelet
+    /// may kill the containers. None while the pod is not being deleted.
     pub deletion: Option<SystemTime>,
 }
 
