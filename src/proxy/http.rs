@@ -35,13 +35,15 @@ use tracing::Instrument;
 use super::body::ProxyBody;
 use super::guard::{ConnActivity, GaugeGuard, RequestGuard, TimerVerdict};
 use super::h1;
+use super::h1::client::SendError;
 use super::headers;
-use super::io::{ServerIo, sniff};
+use super::io::{SendTimer, ServerIo, sniff};
 use super::relay::relay;
+use super::rules;
 use super::upstream::UpstreamError;
 use super::{ProxyContext, TrackedExecutor};
 use crate::drain::ConnectionGuard;
-use crate::metrics::Protocol;
+use crate::metrics::{Protocol, TimeoutKind};
 
 pub async fn serve_connection(
     stream: TcpStream,
@@ -50,9 +52,13 @@ pub async fn serve_connection(
     ctx: Arc<ProxyContext>,
 ) {
     let activity = Arc::new(ConnActivity::new());
+    let send_timer = SendTimer::new(
+        ctx.config.send_timeout,
+        ctx.lifecycle.metrics.timeout_counter(TimeoutKind::Send),
+    );
     let tokens = &ctx.lifecycle.tokens;
     let sniffed = tokio::select! {
-        sniffed = timeout(ctx.config.header_read_timeout, sniff(stream, activity.clone())) => sniffed,
+        sniffed = timeout(ctx.config.header_read_timeout, sniff(stream, activity.clone(), send_timer)) => sniffed,
         // A connection that has not sent a byte yet is idle: close it with the listener.
         () = tokens.stop_accepting.cancelled() => return,
     };
@@ -79,9 +85,9 @@ pub async fn serve_connection(
     });
     if protocol == Protocol::Http1 && !ctx.upstream.is_http2() {
         // lameduck's own HTTP/1 path; hyper takes over what it does not handle.
-        let (stream, sniffed) = io.into_parts();
+        let (stream, sniffed, send_timer) = io.into_parts();
         let served = tokio::select! {
-            handoff = h1::Connection::new(&shared, stream, sniffed).serve() => handoff,
+            handoff = h1::Connection::new(&shared, stream, sniffed, send_timer).serve() => handoff,
             () = tokens.force.cancelled() => {
                 guard.mark_forced();
                 return;
@@ -89,7 +95,13 @@ pub async fn serve_connection(
         };
         let Some(handoff) = served else { return };
         tracing::debug!(reason = handoff.reason, "connection continues on hyper");
-        io = ServerIo::new(handoff.stream, handoff.buffered, activity.clone(), protocol);
+        io = ServerIo::new(
+            handoff.stream,
+            handoff.buffered,
+            activity.clone(),
+            protocol,
+            handoff.send_timer,
+        );
     }
     let service = ProxyService(shared);
     // Boxed: the task of every connection is as large as its largest state,
@@ -243,6 +255,25 @@ impl ConnShared {
     ) -> Response<ProxyBody> {
         let ctx = &self.ctx;
         {
+            let target = rules::Target {
+                http11: req.version() == http::Version::HTTP_11,
+                authority: req.uri().authority().map(|a| a.as_str().as_bytes()),
+            };
+            let lines = req
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+            if let Err(why) = rules::check_request(target, lines) {
+                tracing::debug!(reason = why, "request refused");
+                let response = self.local_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad request\n",
+                    request,
+                    request_id,
+                );
+                // Where this request's body ends is what is in doubt.
+                return self.closing(response);
+            }
             let upgrade = if headers::is_upgrade_request(&req) {
                 req.headers().get(header::UPGRADE).cloned()
             } else {
@@ -297,10 +328,32 @@ impl ConnShared {
                 }
                 return self.proxied(response, request, request_id, ProxyBody::hyper);
             }
-            let sent = timeout(limit, h1::client::send(upstream, req)).await;
-            match sent.unwrap_or(Err(UpstreamError::Timeout(limit))) {
+            let body_timeout = ctx.config.body_read_timeout;
+            let sent = timeout(limit, h1::client::send(upstream, req, body_timeout)).await;
+            match sent.unwrap_or(Err(UpstreamError::Timeout(limit).into())) {
                 Ok(response) => self.proxied(response, request, request_id, ProxyBody::app),
-                Err(error) => self.upstream_error(error, request, request_id),
+                Err(SendError::Upstream(error)) => self.upstream_error(error, request, request_id),
+                Err(SendError::BodyTimedOut) => {
+                    tracing::debug!("request body paused past --body-read-timeout");
+                    ctx.lifecycle.metrics.timed_out(TimeoutKind::BodyRead);
+                    let response = self.local_response(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request body timed out\n",
+                        request,
+                        request_id,
+                    );
+                    self.closing(response)
+                }
+                Err(SendError::BadRequestBody(error)) => {
+                    tracing::debug!(%error, "invalid request body");
+                    let response = self.local_response(
+                        StatusCode::BAD_REQUEST,
+                        "invalid request body\n",
+                        request,
+                        request_id,
+                    );
+                    self.closing(response)
+                }
             }
         }
     }
@@ -326,6 +379,17 @@ impl ConnShared {
         if !self.downstream_h2 && self.ctx.lifecycle.is_draining() {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+    }
+
+    /// Asks an HTTP/1 client to close after this response (HTTP/2 streams
+    /// end on their own).
+    fn closing(&self, mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+        if !self.downstream_h2 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 
     fn upstream_error(

@@ -12,6 +12,7 @@ pub mod headers;
 pub mod http;
 pub mod io;
 pub mod relay;
+pub mod rules;
 pub mod tcp;
 pub mod upstream;
 

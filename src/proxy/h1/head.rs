@@ -7,13 +7,16 @@
 //! The rewriting is the same as on the hyper path (`super::super::headers`):
 //! hop-by-hop headers and those `Connection` names removed (RFC 9110 §7.6.1),
 //! `x-forwarded-for` appended, `x-forwarded-proto` and `Host` added when
-//! missing, `x-request-id` kept or generated and echoed. What this path does
-//! not handle it hands to hyper ([`RequestHead::Handoff`]), which then answers
-//! or rejects it exactly as before.
+//! missing, `x-request-id` kept or generated and echoed. A request whose
+//! framing or target is ambiguous is refused here ([`RequestHead::Reject`],
+//! the rules of `crate::proxy::rules`, table in `docs/http1.md`); what this
+//! path does not handle it hands to hyper ([`RequestHead::Handoff`]), which
+//! applies the same rules.
 
 use std::mem::MaybeUninit;
 
 use crate::proxy::headers::{MAX_REQUEST_ID_LEN, RequestIds};
+use crate::proxy::rules::{self, Refusal};
 
 /// Headers per message; hyper's default limit too. More goes to hyper (431).
 const MAX_HEADERS: usize = 100;
@@ -57,8 +60,10 @@ pub enum RequestHead {
     /// Parsed; the rewritten head has been appended to the output buffer.
     Forward(Request),
     /// Something this path leaves to hyper: upgrades, `Expect`, HTTP/1.0,
-    /// `CONNECT`, absolute-form targets, unusual framing, invalid heads.
+    /// `CONNECT`, absolute-form targets, heads that do not parse.
     Handoff(&'static str),
+    /// Framing or target ambiguous: answer 400 and close; nothing is forwarded.
+    Reject(Refusal),
 }
 
 /// A request id of at most [`MAX_REQUEST_ID_LEN`] bytes, kept inline.
@@ -93,8 +98,6 @@ impl std::fmt::Debug for RequestId {
 pub struct RewriteContext<'a> {
     /// The client's IP address, appended to `x-forwarded-for`.
     pub peer: &'a [u8],
-    /// `Host` for requests that carry none.
-    pub fallback_host: &'a [u8],
     pub ids: &'a RequestIds,
 }
 
@@ -117,11 +120,20 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
         return RequestHead::Handoff("CONNECT or a non-origin-form target");
     }
     let headers = &*req.headers;
+    let origin_form = rules::Target {
+        http11: true,
+        authority: None,
+    };
+    if let Err(why) = rules::check_request(
+        origin_form,
+        headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+    ) {
+        return RequestHead::Reject(why);
+    }
 
     let mut connection = ConnectionTokens::default();
     let mut framing = Framing::Empty;
     let mut chunked = false;
-    let mut has_host = false;
     let mut has_proto = false;
     let mut has_upgrade = false;
     let mut request_id: Option<&[u8]> = None;
@@ -129,7 +141,6 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
     for h in headers {
         let name = h.name.as_bytes();
         match name.len() {
-            4 if name.eq_ignore_ascii_case(b"host") => has_host = true,
             6 if name.eq_ignore_ascii_case(b"expect") => {
                 return RequestHead::Handoff("Expect");
             }
@@ -143,11 +154,11 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
             }
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 let Some(n) = parse_content_length(h.value) else {
-                    return RequestHead::Handoff("invalid Content-Length");
+                    return RequestHead::Reject("invalid Content-Length");
                 };
                 match framing {
                     Framing::Length(m) if m != n => {
-                        return RequestHead::Handoff("conflicting Content-Length");
+                        return RequestHead::Reject("conflicting Content-Length");
                     }
                     _ => framing = Framing::Length(n),
                 }
@@ -156,14 +167,8 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
                 forwarded_for.get_or_insert(h.value);
             }
             17 if name.eq_ignore_ascii_case(b"x-forwarded-proto") => has_proto = true,
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
-                // Only a single, plain `chunked` here; any other coding (and
-                // TE with Content-Length, a smuggling vector) is hyper's call.
-                if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                    return RequestHead::Handoff("unusual Transfer-Encoding");
-                }
-                chunked = true;
-            }
+            // A single plain `chunked` (the rules refused anything else).
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => chunked = true,
             _ => {}
         }
     }
@@ -171,8 +176,10 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
         return RequestHead::Handoff("protocol upgrade");
     }
     if chunked {
+        // RFC 9112 §6.1 allows processing by the coding and closing after;
+        // refusing leaves no reading of the message to disagree on.
         if framing != Framing::Empty {
-            return RequestHead::Handoff("Transfer-Encoding with Content-Length");
+            return RequestHead::Reject("Transfer-Encoding with Content-Length");
         }
         framing = Framing::Chunked;
     }
@@ -189,6 +196,7 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut length_written = false;
     for h in headers {
         let name = h.name.as_bytes();
         // Rewritten below, or hop-by-hop.
@@ -199,10 +207,19 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
         {
             continue;
         }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // Repeated identical lengths (RFC 9112 §6.3 rule 5) go out as
+            // one plain number, the one the body is framed by.
+            if !std::mem::replace(&mut length_written, true) {
+                let n = match framing {
+                    Framing::Length(n) => n,
+                    _ => 0,
+                };
+                write_header(out, b"content-length", n.to_string().as_bytes());
+            }
+            continue;
+        }
         write_header(out, name, h.value);
-    }
-    if !has_host {
-        write_header(out, b"host", cx.fallback_host);
     }
     // A list that is not plain text is not a list of addresses: replace it.
     match forwarded_for.filter(|v| is_visible_text(v) && !v.trim_ascii().is_empty()) {
@@ -374,6 +391,12 @@ pub fn frame_response<'a>(
             transfer_encoding = Some(h.value);
         }
     }
+    // RFC 9112 §6.3 rule 3: "ought to be handled as an error". Reading it by
+    // the coding alone would still leave the app and the client free to
+    // disagree; a 502 and a closed app connection leave nothing to disagree on.
+    if transfer_encoding.is_some() && length.is_some() {
+        return Err("Transfer-Encoding with Content-Length");
+    }
     // The final coding decides the framing (RFC 9112 §6.1); the codings
     // before it are the client's to undo.
     let chunked = transfer_encoding.is_some_and(|v| {
@@ -396,10 +419,7 @@ pub fn frame_response<'a>(
                 None => Framing::UntilClose,
             }
         };
-    let reusable = version == 1
-        && !connection.close
-        && framing != Framing::UntilClose
-        && !(transfer_encoding.is_some() && length.is_some());
+    let reusable = version == 1 && !connection.close && framing != Framing::UntilClose;
     Ok(ResponseFraming {
         framing,
         reusable,
@@ -471,16 +491,24 @@ fn is_visible_text(value: &[u8]) -> bool {
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
+/// A `Content-Length` value: digits, or a list of identical ones (`5, 5`,
+/// which RFC 9110 §8.6 lets a recipient read as one value).
 fn parse_content_length(value: &[u8]) -> Option<u64> {
-    let digits = value.trim_ascii();
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(
-        digits
+    let mut length = None;
+    for item in value.split(|&b| b == b',') {
+        let digits = item.trim_ascii();
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = digits
             .iter()
-            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
-    )
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|m| m != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    length
 }
 
 /// The tokens of the `Connection` header(s) of one message.
@@ -543,7 +571,6 @@ mod tests {
         let ids = RequestIds::new();
         let cx = RewriteContext {
             peer: b"10.1.2.3",
-            fallback_host: b"127.0.0.1:8080",
             ids: &ids,
         };
         let mut out = Vec::new();
@@ -602,17 +629,33 @@ mod tests {
             &b"GET / HTTP/1.0\r\n\r\n"[..],
             b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
-            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
         ] {
             let (head, _) = rewrite(input);
             assert!(
                 matches!(head, RequestHead::Handoff(_)),
+                "{}: {head:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn ambiguous_framing_or_target_is_refused_here() {
+        for input in [
+            &b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+        ] {
+            let (head, _) = rewrite(input);
+            assert!(
+                matches!(head, RequestHead::Reject(_)),
                 "{}: {head:?}",
                 String::from_utf8_lossy(input)
             );
@@ -698,7 +741,8 @@ mod tests {
             proptest::collection::vec(header, 0..12),
         )
             .prop_map(|(method, path, headers)| {
-                let mut s = format!("{method} {path} HTTP/1.1\r\n");
+                // One Host up front, so most heads get past the rules.
+                let mut s = format!("{method} {path} HTTP/1.1\r\nhost: app\r\n");
                 for (name, value) in headers {
                     s.push_str(&format!("{name}: {value}\r\n"));
                 }

@@ -33,8 +33,10 @@ use tracing::Instrument;
 
 use super::guard::RequestGuard;
 use super::http::ConnShared;
+use super::io::{SendTimer, write_all_within};
+use super::rules;
 use super::upstream::{Attempts, UpstreamError};
-use crate::metrics::UpstreamErrorKind;
+use crate::metrics::{TimeoutKind, UpstreamErrorKind};
 use chunked::{ChunkedError, ChunkedScanner};
 use head::{Framing, RequestHead, ResponseHead};
 
@@ -47,6 +49,7 @@ const BODY_CHUNK: usize = 64 * 1024;
 pub struct Handoff {
     pub stream: TcpStream,
     pub buffered: Vec<u8>,
+    pub send_timer: SendTimer,
     pub reason: &'static str,
 }
 
@@ -54,6 +57,8 @@ pub struct Handoff {
 pub struct Connection<'a> {
     shared: &'a ConnShared,
     client: TcpStream,
+    /// --send-timeout's limit and counter (this path waits on the socket itself).
+    send_timer: SendTimer,
     /// Bytes read from the client, not yet forwarded.
     input: Vec<u8>,
     /// Bytes about to be written: a rewritten head and the body bytes after it.
@@ -75,16 +80,24 @@ enum Failure {
     Upstream(UpstreamError),
     /// The client's request body was not valid chunked encoding (400).
     BadRequestBody(ChunkedError),
+    /// The client paused its request body for --body-read-timeout (408).
+    BodyTimedOut,
     /// The client went away, or a response broke half-way: nothing to send.
     Abort,
 }
 
 impl<'a> Connection<'a> {
     /// `sniffed`: the bytes read while telling HTTP/1 from HTTP/2.
-    pub fn new(shared: &'a ConnShared, client: TcpStream, sniffed: Vec<u8>) -> Self {
+    pub fn new(
+        shared: &'a ConnShared,
+        client: TcpStream,
+        sniffed: Vec<u8>,
+        send_timer: SendTimer,
+    ) -> Self {
         Connection {
             shared,
             client,
+            send_timer,
             input: sniffed,
             out: Vec::new(),
             from_app: Vec::new(),
@@ -106,6 +119,7 @@ impl<'a> Connection<'a> {
             let next = match self.read_head().await {
                 Some(RequestHead::Forward(req)) => self.exchange(req).await,
                 Some(RequestHead::Handoff(reason)) => Next::Handoff(reason),
+                Some(RequestHead::Reject(why)) => self.refuse(why).await,
                 Some(RequestHead::Partial) | None => Next::Close,
             };
             match next {
@@ -118,6 +132,7 @@ impl<'a> Connection<'a> {
                     return Some(Handoff {
                         stream: self.client,
                         buffered: self.input,
+                        send_timer: self.send_timer,
                         reason,
                     });
                 }
@@ -159,7 +174,6 @@ impl<'a> Connection<'a> {
         let ctx = &self.shared.ctx;
         let rewrite = head::RewriteContext {
             peer: self.shared.peer_value.as_bytes(),
-            fallback_host: ctx.upstream.authority().as_str().as_bytes(),
             ids: &ctx.ids,
         };
         loop {
@@ -271,11 +285,13 @@ impl<'a> Connection<'a> {
         app: &mut TcpStream,
         body: &mut BodyCursor,
     ) -> Result<(), Failure> {
+        let limit = self.shared.ctx.config.body_read_timeout;
         while !body.is_done() {
             self.input.reserve(BODY_CHUNK);
-            match self.client.read_buf(&mut self.input).await {
-                Ok(0) | Err(_) => return Err(Failure::Abort),
-                Ok(_) => {}
+            match timeout(limit, self.client.read_buf(&mut self.input)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(Failure::Abort),
+                Ok(Ok(_)) => {}
+                Err(_) => return Err(Failure::BodyTimedOut),
             }
             let taken = body.take(&self.input).map_err(Failure::BadRequestBody)?;
             app.write_all(&self.input[..taken]).await.map_err(closed)?;
@@ -318,8 +334,7 @@ impl<'a> Connection<'a> {
                     ResponseHead::Invalid(why) => return Err(ReadHeadError::Invalid(why)),
                     ResponseHead::Forward(interim) if (100..200).contains(&interim.status) => {
                         // 1xx: forward it, the final response follows.
-                        self.client
-                            .write_all(&self.out)
+                        self.write_out()
                             .await
                             .map_err(|_| ReadHeadError::ClientGone)?;
                         self.from_app.drain(..interim.head_len);
@@ -346,7 +361,7 @@ impl<'a> Connection<'a> {
         // Bytes beyond the response: the app broke framing; do not reuse.
         let mut surplus = taken < after_head.len();
         self.out.extend_from_slice(&after_head[..taken]);
-        self.client.write_all(&self.out).await.map_err(|_| None)?;
+        self.write_out().await.map_err(|_| None)?;
         while !body.is_done() {
             self.from_app.clear();
             self.from_app
@@ -369,15 +384,48 @@ impl<'a> Connection<'a> {
                 .take(&self.from_app)
                 .map_err(|_| Some(UpstreamErrorKind::Protocol))?;
             surplus |= taken < n;
-            self.client
-                .write_all(&self.from_app[..taken])
-                .await
-                .map_err(|_| None)?;
+            let timer = &self.send_timer;
+            write_all_within(
+                &self.client,
+                &self.from_app[..taken],
+                timer.limit(),
+                timer.counter(),
+            )
+            .await
+            .map_err(|_| None)?;
         }
         if response.reusable && !surplus {
             self.shared.ctx.upstream.release_stream(app);
         }
         Ok(())
+    }
+
+    /// Writes `out` to the client within --send-timeout.
+    async fn write_out(&self) -> io::Result<()> {
+        let timer = &self.send_timer;
+        write_all_within(&self.client, &self.out, timer.limit(), timer.counter()).await
+    }
+
+    /// Answers 400 to a request whose framing or target is ambiguous, and
+    /// closes: where its body (if any) ends is exactly what is in doubt.
+    async fn refuse(&mut self, why: rules::Refusal) -> Next {
+        let ctx = &self.shared.ctx;
+        let mut request = RequestGuard::start(ctx.lifecycle.clone(), self.shared.activity.clone());
+        request.set_status(400);
+        let request_id = ctx.ids.next_bytes();
+        tracing::debug!(reason = why, line = %RequestLine(&self.input), "request refused");
+        self.input.clear();
+        self.out.clear();
+        head::write_local_response(
+            &mut self.out,
+            400,
+            "Bad Request",
+            "bad request\n",
+            &request_id,
+            true,
+        );
+        let _ = self.write_out().await;
+        Next::Close
     }
 
     /// Answers a failed exchange locally; keeps the connection when the
@@ -400,12 +448,21 @@ impl<'a> Connection<'a> {
                 tracing::debug!(error = %e, "invalid request body");
                 (400, "Bad Request", "invalid chunked request body\n")
             }
+            Failure::BodyTimedOut => {
+                tracing::debug!("request body paused past --body-read-timeout");
+                self.shared
+                    .ctx
+                    .lifecycle
+                    .metrics
+                    .timed_out(TimeoutKind::BodyRead);
+                (408, "Request Timeout", "request body timed out\n")
+            }
             Failure::Abort => return Next::Close,
         };
         request.set_status(status);
         let close = req.close
             || self.shared.ctx.lifecycle.is_draining()
-            || matches!(failure, Failure::BadRequestBody(_));
+            || matches!(failure, Failure::BadRequestBody(_) | Failure::BodyTimedOut);
         self.out.clear();
         head::write_local_response(
             &mut self.out,
@@ -415,7 +472,7 @@ impl<'a> Connection<'a> {
             req.request_id.as_bytes(),
             close,
         );
-        if self.client.write_all(&self.out).await.is_err() || close {
+        if self.write_out().await.is_err() || close {
             return Next::Close;
         }
         Next::KeepAlive
