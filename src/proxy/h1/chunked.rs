@@ -8,6 +8,13 @@
 //! where the body ends, and the bytes in between could be smuggled through as
 //! a separate request.
 //!
+//! Chunk extensions must follow the grammar of RFC 9112 §7.1.1 and trailer
+//! field lines that of §5 (no obs-fold, no whitespace before the colon), and a
+//! trailer may not be `Content-Length`, `Transfer-Encoding` or `Host` (§7.1.2:
+//! a recipient must not let a trailer change framing or routing, and some
+//! apps merge trailers into the header section): what is forwarded verbatim
+//! must read the same to every strict parser after lameduck.
+//!
 //! Only the framing (size lines, the CRLF after each chunk's data, trailers) is
 //! examined byte by byte; chunk data is skipped in bulk. The scanner keeps a few
 //! words of state and never allocates, so input may be split anywhere.
@@ -44,6 +51,8 @@ pub enum ChunkedError {
     TrailerTooLarge,
     #[error("invalid byte {byte:#04x} in trailer section")]
     InvalidTrailerByte { byte: u8 },
+    #[error("trailer field that may only be a header (Content-Length, Transfer-Encoding, Host)")]
+    ForbiddenTrailer,
 }
 
 /// Where the scanner is in the chunked grammar; each state names what the
@@ -57,8 +66,20 @@ enum State {
     Size,
     /// Whitespace after the size: more of it, `;` or CR.
     SizeWhitespace,
-    /// Chunk extensions, up to the CR ending the size line.
-    Extension,
+    /// After `;`: whitespace, then an extension name.
+    ExtNameStart,
+    /// More of an extension name.
+    ExtName,
+    /// Whitespace after a name or value: `=` (after a name), `;` or CR.
+    ExtAfter { value_allowed: bool },
+    /// After `=`: whitespace, then a token or a quoted string.
+    ExtValueStart,
+    /// More of a token value.
+    ExtToken,
+    /// Inside a quoted-string value.
+    ExtQuoted,
+    /// The byte after a backslash in a quoted string.
+    ExtQuotedPair,
     /// The LF ending the size line.
     SizeLf,
     /// Chunk data; `chunk_remaining` bytes of it are left.
@@ -69,8 +90,10 @@ enum State {
     DataLf,
     /// A trailer field line, or the CR of the empty line ending the body.
     TrailerLineStart,
-    /// The rest of a trailer field line, up to its CR.
-    TrailerLine,
+    /// More of a trailer field name, up to its colon.
+    TrailerName,
+    /// A trailer field value, up to its CR.
+    TrailerValue,
     /// The LF ending a trailer field line.
     TrailerLf,
     /// The LF of the empty line ending the body.
@@ -91,7 +114,14 @@ pub struct ChunkedScanner {
     size_line_len: u32,
     /// Bytes of the trailer section so far.
     trailer_len: u32,
+    /// Which forbidden trailer names the current field name can still be
+    /// (a bit each in [`FORBIDDEN_TRAILERS`] order), and its length so far.
+    trailer_candidates: u8,
+    trailer_name_len: u8,
 }
+
+/// Fields that RFC 9112 §7.1.2 keeps out of trailers for lameduck's purposes.
+const FORBIDDEN_TRAILERS: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
 
 impl ChunkedScanner {
     pub fn new() -> Self {
@@ -181,7 +211,7 @@ impl ChunkedScanner {
                 }
                 b';' => {
                     self.extend_size_line()?;
-                    State::Extension
+                    State::ExtNameStart
                 }
                 _ => {
                     let digit = hex_value(byte).ok_or(InvalidChunkSize { byte })?;
@@ -207,21 +237,31 @@ impl ChunkedScanner {
                 }
                 b';' => {
                     self.extend_size_line()?;
-                    State::Extension
+                    State::ExtNameStart
                 }
                 _ => return Err(InvalidChunkSize { byte }),
             },
-            // Extensions are forwarded, not interpreted, so any visible byte,
-            // space, HTAB or obs-text is accepted; control bytes are not.
-            State::Extension => match byte {
-                b'\r' => State::SizeLf,
-                b'\n' => return Err(BareLf),
-                b'\t' | b' '..=b'~' | 0x80..=0xff => {
-                    self.extend_size_line()?;
-                    State::Extension
+            // chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] ),
+            // ext-val = token / quoted-string (RFC 9112 §7.1.1). Forwarded, not
+            // interpreted, but only in the form every strict parser reads alike.
+            State::ExtNameStart
+            | State::ExtName
+            | State::ExtAfter { .. }
+            | State::ExtValueStart
+            | State::ExtToken
+            | State::ExtQuoted
+            | State::ExtQuotedPair => {
+                if byte == b'\n' {
+                    return Err(BareLf);
                 }
-                _ => return Err(InvalidExtensionByte { byte }),
-            },
+                let next = self
+                    .extension_state(byte)
+                    .ok_or(InvalidExtensionByte { byte })?;
+                if next != State::SizeLf {
+                    self.extend_size_line()?;
+                }
+                next
+            }
             State::SizeLf => match byte {
                 b'\n' if self.chunk_remaining == 0 => {
                     self.trailer_len = 0;
@@ -251,19 +291,37 @@ impl ChunkedScanner {
             State::TrailerLineStart => match byte {
                 b'\r' => State::FinalLf,
                 _ => {
-                    self.extend_trailer_line(byte)?;
-                    State::TrailerLine
+                    // A field name starts; whitespace here would be obs-fold.
+                    self.trailer_candidates = (1 << FORBIDDEN_TRAILERS.len()) - 1;
+                    self.trailer_name_len = 0;
+                    self.extend_trailer_name(byte)?;
+                    State::TrailerName
                 }
             },
-            State::TrailerLine => match byte {
+            State::TrailerName => match byte {
+                b':' => {
+                    self.count_trailer_byte()?;
+                    if self.names_forbidden_trailer() {
+                        return Err(ForbiddenTrailer);
+                    }
+                    State::TrailerValue
+                }
+                _ => {
+                    self.extend_trailer_name(byte)?;
+                    State::TrailerName
+                }
+            },
+            State::TrailerValue => match byte {
                 b'\r' => {
                     self.count_trailer_byte()?;
                     State::TrailerLf
                 }
-                _ => {
-                    self.extend_trailer_line(byte)?;
-                    State::TrailerLine
+                b'\n' => return Err(BareLf),
+                b'\t' | b' '..=b'~' | 0x80..=0xff => {
+                    self.count_trailer_byte()?;
+                    State::TrailerValue
                 }
+                _ => return Err(InvalidTrailerByte { byte }),
             },
             State::TrailerLf => match byte {
                 b'\n' => {
@@ -290,15 +348,71 @@ impl ChunkedScanner {
         Ok(())
     }
 
-    /// Accepts one byte of a trailer field line other than its CR. Field
-    /// syntax is left to the upstream; only bytes that could be read as a line
-    /// ending or a string terminator are rejected.
-    fn extend_trailer_line(&mut self, byte: u8) -> Result<(), ChunkedError> {
+    /// The state after one byte of a chunk extension; `None`: not allowed there.
+    fn extension_state(&self, byte: u8) -> Option<State> {
+        let whitespace = matches!(byte, b' ' | b'\t');
+        Some(match self.state {
+            State::ExtNameStart if whitespace => State::ExtNameStart,
+            State::ExtNameStart | State::ExtName if is_tchar(byte) => State::ExtName,
+            State::ExtName if whitespace => State::ExtAfter {
+                value_allowed: true,
+            },
+            State::ExtAfter { value_allowed } if whitespace => State::ExtAfter { value_allowed },
+            State::ExtName
+            | State::ExtAfter {
+                value_allowed: true,
+            } if byte == b'=' => State::ExtValueStart,
+            State::ExtName | State::ExtAfter { .. } | State::ExtToken if byte == b';' => {
+                State::ExtNameStart
+            }
+            State::ExtName | State::ExtAfter { .. } | State::ExtToken if byte == b'\r' => {
+                State::SizeLf
+            }
+            State::ExtValueStart if whitespace => State::ExtValueStart,
+            State::ExtValueStart if byte == b'"' => State::ExtQuoted,
+            State::ExtValueStart | State::ExtToken if is_tchar(byte) => State::ExtToken,
+            State::ExtToken if whitespace => State::ExtAfter {
+                value_allowed: false,
+            },
+            State::ExtQuoted => match byte {
+                b'"' => State::ExtAfter {
+                    value_allowed: false,
+                },
+                b'\\' => State::ExtQuotedPair,
+                b'\t' | b' ' | 0x21 | 0x23..=0x5b | 0x5d..=0x7e | 0x80..=0xff => State::ExtQuoted,
+                _ => return None,
+            },
+            State::ExtQuotedPair => match byte {
+                b'\t' | b' '..=b'~' | 0x80..=0xff => State::ExtQuoted,
+                _ => return None,
+            },
+            _ => return None,
+        })
+    }
+
+    /// Accepts one byte of a trailer field name (a token, RFC 9110 §5.6.2)
+    /// and narrows which forbidden names it can still be.
+    fn extend_trailer_name(&mut self, byte: u8) -> Result<(), ChunkedError> {
         match byte {
-            b'\n' => Err(ChunkedError::BareLf),
-            0 => Err(ChunkedError::InvalidTrailerByte { byte }),
-            _ => self.count_trailer_byte(),
+            b'\n' => return Err(ChunkedError::BareLf),
+            _ if !is_tchar(byte) => return Err(ChunkedError::InvalidTrailerByte { byte }),
+            _ => {}
         }
+        let at = usize::from(self.trailer_name_len);
+        for (i, name) in FORBIDDEN_TRAILERS.iter().enumerate() {
+            if name.get(at) != Some(&byte.to_ascii_lowercase()) {
+                self.trailer_candidates &= !(1 << i);
+            }
+        }
+        self.trailer_name_len = self.trailer_name_len.saturating_add(1);
+        self.count_trailer_byte()
+    }
+
+    fn names_forbidden_trailer(&self) -> bool {
+        FORBIDDEN_TRAILERS.iter().enumerate().any(|(i, name)| {
+            self.trailer_candidates & (1 << i) != 0
+                && name.len() == usize::from(self.trailer_name_len)
+        })
     }
 
     fn count_trailer_byte(&mut self) -> Result<(), ChunkedError> {
@@ -308,6 +422,11 @@ impl ChunkedScanner {
         }
         Ok(())
     }
+}
+
+/// `tchar` of RFC 9110 §5.6.2: the bytes of a token.
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 fn hex_value(byte: u8) -> Option<u8> {
@@ -540,6 +659,66 @@ mod tests {
     }
 
     #[test]
+    fn extensions_outside_the_grammar_are_refused() {
+        for body in [
+            &b"5;\r\n"[..],
+            b"5;=v\r\n",
+            b"5;a=\r\n",
+            b"5;a==b\r\n",
+            b"5;a=b c\r\n",
+            b"5;a=\"unterminated\r\n",
+            b"5;a=\"q\"x\r\n",
+            b"5;a b\r\n",
+            b"5;a@b\r\n",
+            b"5;a=\"\x01\"\r\n",
+        ] {
+            assert!(
+                matches!(scan_err(body), ChunkedError::InvalidExtensionByte { .. }),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn framing_and_routing_fields_are_refused_as_trailers() {
+        for name in ["Content-Length", "transfer-encoding", "HOST"] {
+            let body = format!("0\r\n{name}: 5\r\n\r\n");
+            assert_eq!(
+                scan_err(body.as_bytes()),
+                ChunkedError::ForbiddenTrailer,
+                "{name}"
+            );
+        }
+        // Names that only start like one are ordinary fields.
+        for name in ["Hostname", "Content-Lengths", "Hos", "X-Host"] {
+            let body = format!("0\r\n{name}: 5\r\n\r\n");
+            assert_eq!(
+                scan_whole(body.as_bytes()),
+                (Ok(body.len()), true),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn trailer_lines_outside_the_field_grammar_are_refused() {
+        for body in [
+            &b"0\r\nX : 1\r\n\r\n"[..],
+            b"0\r\n X: 1\r\n\r\n",
+            b"0\r\nX: 1\r\n\tfolded\r\n\r\n",
+            b"0\r\nNo-Colon\r\n\r\n",
+            b"0\r\nX: a\x7fb\r\n\r\n",
+        ] {
+            assert!(
+                matches!(scan_err(body), ChunkedError::InvalidTrailerByte { .. }),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
     fn invalid_trailer_byte() {
         assert_eq!(
             scan_err(b"0\r\nX: a\0b\r\n\r\n"),
@@ -662,7 +841,13 @@ mod tests {
             prop::collection::vec(chunk(), 0..6),
             1..4usize,
             prop::option::of(extension()),
-            prop::collection::vec("[A-Za-z0-9-]{1,12}:[ \t]?[ -~\t\u{80}-\u{ff}]{0,40}", 0..4),
+            prop::collection::vec(
+                "[A-Za-z0-9-]{1,12}:[ \t]?[ -~\t\u{80}-\u{ff}]{0,40}"
+                    .prop_filter("a field allowed in trailers", |t| {
+                        !t.to_ascii_lowercase().starts_with("host:")
+                    }),
+                0..4,
+            ),
         )
             .prop_map(
                 |(chunks, last_chunk_zeros, last_extension, trailers)| Body {
