@@ -118,6 +118,17 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_TUNNEL_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub tunnel_idle_timeout: Duration,
 
+    /// Longest pause between two reads of a request body (nginx's
+    /// client_body_timeout); the client gets a 408 and the app connection
+    /// that had part of the body is closed.
+    #[arg(long, env = "LAMEDUCK_BODY_READ_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+
+    /// Longest a write to a client may block (a client that stops reading a
+    /// response; nginx's send_timeout); the connection is then closed.
+    #[arg(long, env = "LAMEDUCK_SEND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub send_timeout: Duration,
+
     /// Time allowed to open a TCP connection to the app.
     #[arg(long, env = "LAMEDUCK_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub upstream_connect_timeout: Duration,
@@ -193,6 +204,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub send_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
 }
@@ -223,6 +236,8 @@ impl ProxyArgs {
             ("header-read-timeout", self.header_read_timeout),
             ("idle-timeout", self.idle_timeout),
             ("tunnel-idle-timeout", self.tunnel_idle_timeout),
+            ("body-read-timeout", self.body_read_timeout),
+            ("send-timeout", self.send_timeout),
             ("upstream-connect-timeout", self.upstream_connect_timeout),
             ("upstream-timeout", self.upstream_timeout),
         ] {
@@ -248,6 +263,8 @@ impl ProxyArgs {
             header_read_timeout: self.header_read_timeout,
             idle_timeout: self.idle_timeout,
             tunnel_idle_timeout: self.tunnel_idle_timeout,
+            body_read_timeout: self.body_read_timeout,
+            send_timeout: self.send_timeout,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_timeout: self.upstream_timeout,
         })

@@ -403,6 +403,11 @@ impl Metrics {
         self.timeouts[kind as usize].inc();
     }
 
+    /// The counter of one timeout kind, for code that holds no `Metrics`.
+    pub fn timeout_counter(&self, kind: TimeoutKind) -> Counter {
+        self.timeouts[kind as usize].clone()
+    }
+
     pub fn kubernetes_error(&self, op: KubeOp) {
         self.kubernetes_errors[op as usize].inc();
     }

@@ -1,14 +1,20 @@
 //! The downstream socket as the HTTP server sees it: the bytes read while
-//! sniffing the protocol are replayed first, and every read tells the
-//! connection's [`ConnActivity`] that a request head may be arriving.
+//! sniffing the protocol are replayed first, every read tells the
+//! connection's [`ConnActivity`] that a request head may be arriving, and a
+//! write that stays blocked for --send-timeout fails (a client that stopped
+//! reading must not hold its connection, and the app connection behind it,
+//! forever).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep, sleep, timeout};
 
 use super::guard::ConnActivity;
 use crate::metrics::Protocol;
@@ -29,6 +35,96 @@ pub struct ServerIo {
     replay: Replay,
     activity: Arc<ConnActivity>,
     track_heads: bool,
+    send: SendTimer,
+}
+
+/// --send-timeout for hyper's writes: armed when a write blocks, disarmed by
+/// the next write that makes progress. The timer is allocated on the first
+/// stall only; a connection whose writes never block never touches a clock.
+pub struct SendTimer {
+    limit: Duration,
+    stall: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    timeouts: Counter,
+}
+
+impl SendTimer {
+    /// `timeouts` counts the connections it cuts.
+    pub fn new(limit: Duration, timeouts: Counter) -> Self {
+        SendTimer {
+            limit,
+            stall: None,
+            armed: false,
+            timeouts,
+        }
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    pub fn counter(&self) -> &Counter {
+        &self.timeouts
+    }
+
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if write.is_ready() {
+            self.armed = false;
+            return write;
+        }
+        if !self.armed {
+            let deadline = Instant::now() + self.limit;
+            match &mut self.stall {
+                Some(stall) => stall.as_mut().reset(deadline),
+                None => self.stall = Some(Box::pin(sleep(self.limit))),
+            }
+            self.armed = true;
+        }
+        match self.stall.as_mut().map(|stall| stall.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => {
+                self.armed = false;
+                self.timeouts.inc();
+                Poll::Ready(Err(send_timed_out()))
+            }
+            _ => Poll::Pending,
+        }
+    }
+}
+
+fn send_timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "write to the client blocked past --send-timeout",
+    )
+}
+
+/// Writes all of `buf` to the client, failing with `TimedOut` (and counting
+/// it) when one wait for the socket to take more lasts `limit`. The common
+/// case, a socket that takes everything at once, sets no timer.
+pub async fn write_all_within(
+    stream: &TcpStream,
+    mut buf: &[u8],
+    limit: Duration,
+    timeouts: &Counter,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match stream.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if timeout(limit, stream.writable()).await.is_err() {
+                    timeouts.inc();
+                    return Err(send_timed_out());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// First read of a connection: usually the whole first request head.
@@ -42,6 +138,7 @@ const FIRST_READ: usize = 8 * 1024;
 pub async fn sniff(
     stream: TcpStream,
     activity: Arc<ConnActivity>,
+    send: SendTimer,
 ) -> io::Result<Option<(Protocol, ServerIo)>> {
     let mut read = Vec::new();
     loop {
@@ -63,7 +160,7 @@ pub async fn sniff(
     };
     Ok(Some((
         protocol,
-        ServerIo::new(stream, read, activity, protocol),
+        ServerIo::new(stream, read, activity, protocol, send),
     )))
 }
 
@@ -74,6 +171,7 @@ impl ServerIo {
         read: Vec<u8>,
         activity: Arc<ConnActivity>,
         protocol: Protocol,
+        send: SendTimer,
     ) -> Self {
         ServerIo {
             stream,
@@ -83,14 +181,15 @@ impl ServerIo {
             },
             activity,
             track_heads: protocol == Protocol::Http1,
+            send,
         }
     }
 
-    /// The socket and the bytes not yet replayed.
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+    /// The socket, the bytes not yet replayed, and the send timer.
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>, SendTimer) {
         let mut read = self.replay.buf;
         read.drain(..self.replay.start);
-        (self.stream, read)
+        (self.stream, read, self.send)
     }
 }
 
@@ -126,7 +225,9 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let write = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.send.guard(cx, write)
     }
 
     fn poll_write_vectored(
@@ -134,7 +235,9 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let write = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.send.guard(cx, write)
     }
 
     fn is_write_vectored(&self) -> bool {

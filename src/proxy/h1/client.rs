@@ -13,6 +13,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -22,6 +23,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::timeout;
 
 use super::BodyCursor;
 use super::chunked::ChunkedError;
@@ -34,12 +36,33 @@ const HEAD_READ: usize = 4 * 1024;
 /// Later reads of a body.
 const BODY_READ: usize = 16 * 1024;
 
+/// Why [`send`] produced no response.
+#[derive(Debug)]
+pub enum SendError {
+    Upstream(UpstreamError),
+    /// The client paused its request body for --body-read-timeout: not the
+    /// app's failure (408, and the app connection with half a body is closed).
+    BodyTimedOut,
+    /// The client's request body broke its framing (e.g. a bad chunk size on
+    /// hyper's HTTP/1 path, or an HTTP/2 body longer or shorter than its
+    /// content-length): 400, and the app connection with half a body is closed.
+    BadRequestBody(BoxError),
+}
+
+impl From<UpstreamError> for SendError {
+    fn from(error: UpstreamError) -> Self {
+        SendError::Upstream(error)
+    }
+}
+
 /// Sends `req` (already rewritten for the app) and returns the response
-/// head; its body streams from the app connection.
+/// head; its body streams from the app connection. `body_timeout` bounds
+/// each wait for the next piece of the client's request body.
 pub async fn send(
     upstream: &Upstream,
     req: Request<Incoming>,
-) -> Result<Response<AppBody>, UpstreamError> {
+    body_timeout: Duration,
+) -> Result<Response<AppBody>, SendError> {
     let (parts, mut body) = req.into_parts();
     let is_head = parts.method == http::Method::HEAD;
     let mut out = Vec::with_capacity(512);
@@ -53,17 +76,19 @@ pub async fn send(
             if attempts.retry() {
                 continue;
             }
-            return Err(UpstreamError::Closed(e.into()));
+            return Err(UpstreamError::Closed(e.into()).into());
         }
         if !body.is_end_stream() {
-            send_body(&mut app, &mut body, chunked).await?;
+            send_body(&mut app, &mut body, chunked, body_timeout).await?;
         }
         match read_response(app, is_head, upstream).await {
             Ok(response) => return Ok(response),
             // (`retry` is asked only when nothing came back.)
             Err(ReadError::NothingReceived(_)) if attempts.retry() => {}
-            Err(ReadError::NothingReceived(e)) => return Err(UpstreamError::Closed(e.into())),
-            Err(ReadError::Failed(e)) => return Err(e),
+            Err(ReadError::NothingReceived(e)) => {
+                return Err(UpstreamError::Closed(e.into()).into());
+            }
+            Err(ReadError::Failed(e)) => return Err(e.into()),
         }
     }
 }
@@ -75,7 +100,13 @@ fn write_request_head(parts: &http::request::Parts, body: &Incoming, out: &mut V
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut length_written = false;
     for (name, value) in &parts.headers {
+        // An HTTP/2 client may repeat an identical content-length; the app
+        // gets one (differing ones were refused by h2 as malformed).
+        if name == header::CONTENT_LENGTH && std::mem::replace(&mut length_written, true) {
+            continue;
+        }
         head::write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let framed = parts.headers.contains_key(header::CONTENT_LENGTH);
@@ -93,13 +124,18 @@ async fn send_body(
     app: &mut TcpStream,
     body: &mut Incoming,
     chunked: bool,
-) -> Result<(), UpstreamError> {
+    body_timeout: Duration,
+) -> Result<(), SendError> {
     let closed = |e: io::Error| UpstreamError::Closed(e.into());
     // A small chunk goes out whole in one write: size line, data, CRLF.
     let mut chunk = Vec::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(frame) = timeout(body_timeout, body.frame()).await else {
+            return Err(SendError::BodyTimedOut);
+        };
+        let Some(frame) = frame else { break };
         // The client's body failed: the app must not take a truncated one.
-        let frame = frame.map_err(|e| UpstreamError::Closed(e.into()))?;
+        let frame = frame.map_err(|e| SendError::BadRequestBody(e.into()))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
