@@ -491,24 +491,19 @@ fn is_visible_text(value: &[u8]) -> bool {
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
-/// A `Content-Length` value: digits, or a list of identical ones (`5, 5`,
-/// which RFC 9110 §8.6 lets a recipient read as one value).
+/// A `Content-Length` value: digits only. A list (`5, 5`), which RFC 9110
+/// §8.6 lets a recipient either refuse or read as one value, is refused, as
+/// hyper's parser (the hand-off path) and nginx do.
 fn parse_content_length(value: &[u8]) -> Option<u64> {
-    let mut length = None;
-    for item in value.split(|&b| b == b',') {
-        let digits = item.trim_ascii();
-        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = digits
-            .iter()
-            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-        if length.is_some_and(|m| m != n) {
-            return None;
-        }
-        length = Some(n);
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
     }
-    length
+    Some(
+        digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+    )
 }
 
 /// The tokens of the `Connection` header(s) of one message.
