@@ -59,6 +59,40 @@ pub enum UpstreamProtocol {
     Http2,
 }
 
+/// Whether to use the Kubernetes API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KubeMode {
+    /// Use the API when running in a cluster (or with a kubeconfig) and the
+    /// pod's name and namespace are known; otherwise run without it.
+    Auto,
+    /// Require the configuration and the pod identity; the API being down is
+    /// still not fatal.
+    On,
+    /// Never talk to the API.
+    Off,
+}
+
+/// What `connect` needs; the lifecycle fills it from the command line and
+/// the downward API (`POD_NAME`, `POD_NAMESPACE`).
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    pub mode: KubeMode,
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+    /// Bound on every API request (the long watch excepted, see `watch.rs`).
+    pub api_timeout: Duration,
+}
+
+impl KubeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KubeMode::Auto => "auto",
+            KubeMode::On => "on",
+            KubeMode::Off => "off",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -88,13 +122,46 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_ADMIN_LISTEN", default_value = "0.0.0.0:9901", value_parser = parse_socket_addr)]
     pub admin_listen: SocketAddr,
 
-    /// Lame-duck window after SIGTERM: not ready, but still accepting and serving.
+    /// Lame-duck window after SIGTERM: not ready, but still accepting and
+    /// serving. With the Kubernetes API, the upper bound: the window ends
+    /// earlier once no EndpointSlice routes to the pod (+ the margin below).
     #[arg(long, env = "LAMEDUCK_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
     pub drain_delay: Duration,
 
-    /// Hard deadline, measured from the start of the drain.
-    #[arg(long, env = "LAMEDUCK_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
+    /// Hard deadline, measured from the start of the drain [default: the
+    /// pod's deletionTimestamp or terminationGracePeriodSeconds minus
+    /// --deadline-margin, else 25s]. Given explicitly it is an upper bound:
+    /// it never lengthens the drain past the pod's SIGKILL.
+    #[arg(long, env = "LAMEDUCK_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+
+    /// Use the Kubernetes API for the drain: `auto` when in-cluster config or
+    /// a kubeconfig and POD_NAME/POD_NAMESPACE are there, `on` to require it.
+    #[arg(long, env = "LAMEDUCK_KUBERNETES", value_enum, default_value_t = KubeMode::Auto)]
+    pub kubernetes: KubeMode,
+
+    /// The pod's name (downward API `metadata.name`).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// The pod's namespace (downward API `metadata.namespace`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// After the pod's endpoints stop serving in the API, time for
+    /// kube-proxy, ingress controllers and load balancers to follow.
+    #[arg(long, env = "LAMEDUCK_ENDPOINT_PROPAGATION_MARGIN", default_value = "2s", value_parser = parse_duration)]
+    pub endpoint_propagation_margin: Duration,
+
+    /// How long before the pod's SIGKILL the drain deadline falls: time for
+    /// the app to stop after lameduck (classic sidecar), or for lameduck's own
+    /// exit (native sidecar, where the app has already gone).
+    #[arg(long, env = "LAMEDUCK_DEADLINE_MARGIN", default_value = "2s", value_parser = parse_duration)]
+    pub deadline_margin: Duration,
+
+    /// Bound on each Kubernetes API request (the watch excepted).
+    #[arg(long, env = "LAMEDUCK_KUBE_API_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub kube_api_timeout: Duration,
 
     /// After the drain, keep answering /metrics and /ready this long (capped by the deadline).
     #[arg(long, env = "LAMEDUCK_METRICS_LINGER", default_value = "15s", value_parser = parse_duration)]
@@ -187,6 +254,9 @@ pub struct DrainArgs {
     pub timeout: Duration,
 }
 
+/// The deadline when neither --drain-timeout nor the pod says otherwise.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
 /// The validated proxy configuration the rest of the program works with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -198,7 +268,13 @@ pub struct Config {
     pub upstream_protocol: UpstreamProtocol,
     pub admin_listen: SocketAddr,
     pub drain_delay: Duration,
+    /// The fallback deadline (--drain-timeout, or 25s).
     pub drain_timeout: Duration,
+    /// --drain-timeout was given: an upper bound on any deadline.
+    pub drain_timeout_explicit: bool,
+    pub kube: KubeSettings,
+    pub endpoint_propagation_margin: Duration,
+    pub deadline_margin: Duration,
     pub metrics_linger: Duration,
     pub max_connections: u32,
     pub header_read_timeout: Duration,
@@ -225,14 +301,16 @@ pub enum ConfigError {
 impl ProxyArgs {
     /// Validates the flags that depend on each other and resolves the upstream.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        if self.drain_timeout < self.drain_delay {
+        let drain_timeout = self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        if drain_timeout < self.drain_delay {
             return Err(ConfigError::DeadlineBeforeWindow {
-                timeout: humantime::format_duration(self.drain_timeout).to_string(),
+                timeout: humantime::format_duration(drain_timeout).to_string(),
                 delay: humantime::format_duration(self.drain_delay).to_string(),
             });
         }
         for (flag, value) in [
-            ("drain-timeout", self.drain_timeout),
+            ("drain-timeout", drain_timeout),
+            ("kube-api-timeout", self.kube_api_timeout),
             ("header-read-timeout", self.header_read_timeout),
             ("idle-timeout", self.idle_timeout),
             ("tunnel-idle-timeout", self.tunnel_idle_timeout),
@@ -257,7 +335,16 @@ impl ProxyArgs {
             upstream_protocol: self.upstream_protocol,
             admin_listen: self.admin_listen,
             drain_delay: self.drain_delay,
-            drain_timeout: self.drain_timeout,
+            drain_timeout,
+            drain_timeout_explicit: self.drain_timeout.is_some(),
+            kube: KubeSettings {
+                mode: self.kubernetes,
+                pod_name: self.pod_name,
+                pod_namespace: self.pod_namespace,
+                api_timeout: self.kube_api_timeout,
+            },
+            endpoint_propagation_margin: self.endpoint_propagation_margin,
+            deadline_margin: self.deadline_margin,
             metrics_linger: self.metrics_linger,
             max_connections: self.max_connections,
             header_read_timeout: self.header_read_timeout,

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::metrics::{DeadlineSource, Metrics};
 
 /// `starting → serving → draining → drained`; the order is the numeric order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -153,7 +153,6 @@ pub struct DrainSummary {
 struct DrainClock {
     started: Instant,
     started_unix: Duration,
-    deadline_unix: Duration,
 }
 
 pub struct DrainState {
@@ -164,6 +163,9 @@ pub struct DrainState {
     pub connections: ConnectionTracker,
     pub metrics: Metrics,
     drain_clock: OnceLock<DrainClock>,
+    /// The drain's hard deadline (Unix ms; 0 before the drain). The
+    /// lifecycle moves it once the pod's deletionTimestamp is known.
+    deadline_unix_ms: AtomicU64,
     requests_during_drain: AtomicU64,
     drained: watch::Sender<Option<DrainSummary>>,
 }
@@ -185,6 +187,7 @@ impl DrainState {
             connections: ConnectionTracker::default(),
             metrics,
             drain_clock: OnceLock::new(),
+            deadline_unix_ms: AtomicU64::new(0),
             requests_during_drain: AtomicU64::new(0),
             drained: watch::channel(None).0,
         }
@@ -250,7 +253,7 @@ impl DrainState {
     }
 
     /// t0: readiness fails from here on. Returns false if a drain already started.
-    pub(crate) fn begin_drain(&self, drain_timeout: Duration) -> bool {
+    pub(crate) fn begin_drain(&self) -> bool {
         let started = Instant::now();
         let started_unix = unix_now();
         if self
@@ -258,7 +261,6 @@ impl DrainState {
             .set(DrainClock {
                 started,
                 started_unix,
-                deadline_unix: started_unix + drain_timeout,
             })
             .is_err()
         {
@@ -292,9 +294,15 @@ impl DrainState {
     }
 
     pub fn drain_deadline_unix_ms(&self) -> Option<u64> {
-        self.drain_clock
-            .get()
-            .map(|c| c.deadline_unix.as_millis() as u64)
+        Some(self.deadline_unix_ms.load(Ordering::Acquire)).filter(|&ms| ms != 0)
+    }
+
+    /// Publishes the drain's deadline (status, metrics) under its source.
+    pub(crate) fn set_deadline(&self, deadline: SystemTime, source: DeadlineSource) {
+        let unix = deadline.duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.deadline_unix_ms
+            .store(unix.as_millis() as u64, Ordering::Release);
+        self.metrics.set_drain_deadline(source, unix.as_secs_f64());
     }
 
     /// Called once per finished request; counts those served while draining.

@@ -28,32 +28,7 @@ use kube::{Api, Client};
 
 use crate::metrics::{KubeOp, Metrics};
 
-/// Whether to use the Kubernetes API.
-///
-/// TEMPORARY home: the lifecycle moves this to `src/config.rs`; this
-/// definition then becomes `pub use crate::config::KubeMode;`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum KubeMode {
-    /// Use the API when running in a cluster (or with a kubeconfig) and the
-    /// pod's name and namespace are known; otherwise run without it.
-    Auto,
-    /// Require the configuration and the pod identity; the API being down is
-    /// still not fatal.
-    On,
-    /// Never talk to the API.
-    Off,
-}
-
-/// What `connect` needs; the lifecycle fills it from the command line and
-/// the downward API (`POD_NAME`, `POD_NAMESPACE`).
-#[derive(Debug, Clone)]
-pub struct KubeSettings {
-    pub mode: KubeMode,
-    pub pod_name: Option<String>,
-    pub pod_namespace: Option<String>,
-    /// Bound on every API request (the long watch excepted, see `watch.rs`).
-    pub api_timeout: Duration,
-}
+pub use crate::config::{KubeMode, KubeSettings};
 
 /// What the API said about the own Pod. At start-up a failed read leaves
 /// everything but the name and namespace unknown.
@@ -346,6 +321,31 @@ async fn get_pod(
     Ok(PodFacts::from_pod(name, namespace, &pod))
 }
 
+/// The part of start-up that needs no network: with `--kubernetes on`, a
+/// missing configuration or pod identity is a start-up error, found before
+/// anything is served.
+pub fn precheck(settings: &KubeSettings) -> Result<(), KubeError> {
+    if settings.mode != KubeMode::On {
+        return Ok(());
+    }
+    if config_source().is_none() {
+        return Err(KubeError::NoConfiguration);
+    }
+    if settings.pod_name.as_deref().is_none_or(str::is_empty) {
+        return Err(KubeError::MissingPodIdentity {
+            var: "POD_NAME",
+            field: "metadata.name",
+        });
+    }
+    if settings.pod_namespace.as_deref().is_none_or(str::is_empty) {
+        return Err(KubeError::MissingPodIdentity {
+            var: "POD_NAMESPACE",
+            field: "metadata.namespace",
+        });
+    }
+    Ok(())
+}
+
 impl Kube {
     /// Start-up. `Off` → `Ok(None)`. `Auto` → `Ok(None)` with one info log when
     /// there is no configuration or no pod identity, or the configuration
@@ -366,7 +366,7 @@ impl Kube {
             if required {
                 Err(error)
             } else {
-                tracing::info!(reason = %error, "Kubernetes API not used (--kube auto)");
+                tracing::info!(reason = %error, "Kubernetes API not used (--kubernetes auto)");
                 Ok(None)
             }
         };
@@ -402,7 +402,7 @@ impl Kube {
         match built {
             Err(error) if !required => {
                 // Present but unusable is worth more than an info line.
-                tracing::warn!(error = %error, "Kubernetes API not used (--kube auto)");
+                tracing::warn!(error = %error, "Kubernetes API not used (--kubernetes auto)");
                 Ok(None)
             }
             other => other,

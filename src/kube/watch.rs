@@ -28,9 +28,10 @@ use crate::metrics::{KubeOp, Metrics};
 /// How the wait for the endpoints ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndpointsReleased {
-    /// No slice routed to the pod when the drain listed them.
+    /// No slice listed the pod when the drain listed them.
     NotListed,
-    /// Slices routed to the pod, and now none does.
+    /// Slices listed the pod, and now none routes to it (possibly already at
+    /// the first list: the kubelet saw readiness fail before it was read).
     Removed,
 }
 
@@ -67,12 +68,16 @@ pub(super) async fn endpoints_released(
     facts: &PodFacts,
     metrics: &Metrics,
 ) -> Result<EndpointsReleased, KubeError> {
-    let (mut state, mut version) = list(client, api_timeout, facts)
+    let (mut state, mut version, listed) = list(client, api_timeout, facts)
         .await
         .inspect_err(|_| metrics.kubernetes_error(KubeOp::ListEndpointSlices))?;
     set_gauge(metrics, &state);
     if state.count() == 0 {
-        return Ok(EndpointsReleased::NotListed);
+        return Ok(if listed {
+            EndpointsReleased::Removed
+        } else {
+            EndpointsReleased::NotListed
+        });
     }
     tracing::info!(
         slices = state.count(),
@@ -103,7 +108,7 @@ pub(super) async fn endpoints_released(
                 // The resourceVersion is too old to resume from: start over
                 // from a fresh list, which also tells whether we are done.
                 match list(client, api_timeout, facts).await {
-                    Ok((fresh, fresh_version)) => {
+                    Ok((fresh, fresh_version, _)) => {
                         (state, version) = (fresh, fresh_version);
                         set_gauge(metrics, &state);
                         if state.count() == 0 {
@@ -137,7 +142,7 @@ async fn list(
     client: &Client,
     api_timeout: Duration,
     facts: &PodFacts,
-) -> Result<(ServingSlices, String), KubeError> {
+) -> Result<(ServingSlices, String, bool), KubeError> {
     let namespace = &facts.namespace;
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
     let list = bounded(
@@ -147,13 +152,20 @@ async fn list(
     )
     .await?;
     let state = ServingSlices::from_list(&list.items, facts);
+    // Listed at all, serving or not: a pod already out of rotation has been
+    // removed, not "in no Service".
+    let listed = list
+        .items
+        .iter()
+        .flat_map(|slice| slice.endpoints.iter().flatten())
+        .any(|endpoint| super::endpoints::is_this_pod(endpoint, facts));
     // A list always carries its resourceVersion; without one, "0" still
     // resumes correctly (the server replays the current objects as ADDED).
     let version = list
         .metadata
         .resource_version
         .unwrap_or_else(|| "0".to_owned());
-    Ok((state, version))
+    Ok((state, version, listed))
 }
 
 enum SessionEnd {

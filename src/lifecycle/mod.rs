@@ -6,11 +6,12 @@
 //! server last. It returns how the drain ended; `main` turns that into the
 //! exit status. Nothing else in the program exits the process.
 
+mod deadline;
 pub mod signals;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
@@ -18,11 +19,13 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::drain::{DrainState, Event, Outcome, Phase};
+use crate::drain::{DrainState, DrainSummary, Event, Outcome, Phase};
+use crate::kube::{DrainEvent, EndpointsReleased, Kube, KubeError, PodFacts};
+use deadline::{DeadlineFacts, drain_deadline};
 
 use crate::admin::AdminServer;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{DeadlineSource, Metrics, WindowEnd};
 use crate::proxy::{self, ProxyContext, upstream::Upstream};
 use crate::telemetry::{LogReloader, ReloadOutcome};
 
@@ -44,6 +47,8 @@ pub enum StartError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("--kubernetes on: {0}")]
+    Kubernetes(KubeError),
 }
 
 fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -76,6 +81,7 @@ pub struct Bound {
 /// Must be called inside the runtime (signal handlers register with it).
 pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
     let signals = signals::OsSignals::register().map_err(StartError::Signals)?;
+    crate::kube::precheck(&config.kube).map_err(StartError::Kubernetes)?;
     let proxy = bind("--listen", config.listen)?;
     let admin = bind("--admin-listen", config.admin_listen)?;
     Ok(Bound {
@@ -121,6 +127,16 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
         lifecycle.clone(),
         probe_stop.clone(),
     ));
+    // Facts, never control: the API client connects in the background (the
+    // proxy serves meanwhile) and is consulted when the drain starts.
+    let kube_connect = {
+        let (settings, lifecycle) = (config.kube.clone(), lifecycle.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            Kube::connect(&settings, &lifecycle.metrics).await
+        }))
+    };
+    // Event publications, owned here and awaited before the admin server goes.
+    let kube_tasks = TaskTracker::new();
 
     let mut driver = Driver {
         config: &config,
@@ -128,10 +144,14 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
         events,
         logs,
         force_on_signal: false,
+        deadline: Instant::now() + config.drain_timeout,
+        deadline_source: DeadlineSource::DrainTimeout,
+        kube_connect: Some(kube_connect),
+        kube: None,
+        kube_tasks: &kube_tasks,
     };
-    driver.force_on_signal = driver.wait_for_drain_request().await;
-    let deadline = Instant::now() + config.drain_timeout;
-    let outcome = driver.drain(deadline).await;
+    let trigger = driver.wait_for_drain_request().await;
+    let outcome = driver.drain(trigger).await;
 
     // Downstream first: the accept loop and every connection task are done
     // (or were forced) before the things they depend on go away.
@@ -154,8 +174,18 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
         exit_code = summary.exit_code,
         "drain complete"
     );
+    // Then the Kubernetes part: the drain's last Event, and the ones still
+    // being published.
+    driver.publish_outcome(&summary).await;
+    kube_tasks.close();
+    if timeout(config.kube.api_timeout, kube_tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Kubernetes Events still being published at exit");
+    }
     if outcome == Outcome::Graceful {
-        driver.linger(deadline).await;
+        driver.linger().await;
     }
     // The admin server goes last: /metrics and /ready answered until the end.
     admin.shutdown(CLOSE_GRACE).await;
@@ -166,14 +196,21 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
 /// The part of `run` that reacts to events while time passes.
 struct Driver<'a> {
     config: &'a Config,
-    lifecycle: &'a DrainState,
+    lifecycle: &'a Arc<DrainState>,
     events: mpsc::Receiver<Event>,
     logs: LogReloader,
     /// A stop signal forces the exit (true once a signal started the drain).
     force_on_signal: bool,
+    /// The hard deadline; moved once the pod's deletionTimestamp is known.
+    deadline: Instant,
+    deadline_source: DeadlineSource,
+    /// The API client being connected at start-up, then the client (if any).
+    kube_connect: Option<AbortOnDrop<Result<Option<Kube>, KubeError>>>,
+    kube: Option<Kube>,
+    kube_tasks: &'a TaskTracker,
 }
 
-impl Driver<'_> {
+impl<'a> Driver<'a> {
     fn reload(&self) {
         match self.logs.reload() {
             Ok(ReloadOutcome::Applied(filter)) => {
@@ -188,33 +225,34 @@ impl Driver<'_> {
         }
     }
 
-    /// Waits for SIGTERM/SIGINT or `POST /drain`. Returns whether a signal
-    /// started it (then the next signal forces the exit).
-    async fn wait_for_drain_request(&mut self) -> bool {
+    /// Waits for SIGTERM/SIGINT or `POST /drain` and returns what started
+    /// the drain. After a signal, the next signal forces the exit.
+    async fn wait_for_drain_request(&mut self) -> &'static str {
         loop {
             match self.events.recv().await {
                 Some(Event::Reload) => self.reload(),
                 Some(Event::Stop(signal)) => {
                     tracing::info!(signal, "signal received; starting the drain");
-                    return true;
+                    self.force_on_signal = true;
+                    return signal;
                 }
                 Some(Event::DrainRequested) => {
                     tracing::info!("drain requested through the admin port");
-                    return false;
+                    return "admin /drain";
                 }
                 // Every sender is owned by `run`; this cannot end first.
-                None => return false,
+                None => return "admin /drain",
             }
         }
     }
 
     /// Runs `work` to completion unless the deadline or a forcing signal comes first.
-    async fn until<F: Future>(&mut self, work: F, deadline: Instant) -> Result<F::Output, Outcome> {
+    async fn until<F: Future>(&mut self, work: F) -> Result<F::Output, Outcome> {
         let mut work = std::pin::pin!(work);
         loop {
             tokio::select! {
                 output = &mut work => return Ok(output),
-                () = sleep_until(deadline) => return Err(Outcome::Deadline),
+                () = sleep_until(self.deadline) => return Err(Outcome::Deadline),
                 Some(event) = self.events.recv() => match event {
                     Event::Reload => self.reload(),
                     Event::DrainRequested => {}
@@ -233,25 +271,185 @@ impl Driver<'_> {
         }
     }
 
-    async fn drain(&mut self, deadline: Instant) -> Outcome {
+    async fn drain(&mut self, trigger: &'static str) -> Outcome {
         let lifecycle = self.lifecycle;
-        lifecycle.begin_drain(self.config.drain_timeout);
-        if let Err(outcome) = self.until(sleep(self.config.drain_delay), deadline).await {
-            return self.force(outcome).await;
-        }
+        // t0 first: readiness fails before anything else, the API included.
+        lifecycle.begin_drain();
+        let started = SystemTime::now();
+        let delay_end = Instant::now() + self.config.drain_delay;
+        let facts = match self.pod_facts().await {
+            Ok(facts) => facts,
+            Err(outcome) => return self.force(outcome).await,
+        };
+        self.set_deadline(started, facts.as_ref());
+        self.publish(DrainEvent::started(format!(
+            "{trigger}: lame-duck window at most {} (ends once no EndpointSlice routes here, + {}); deadline {} ({})",
+            humantime::format_duration(self.config.drain_delay),
+            humantime::format_duration(self.config.endpoint_propagation_margin),
+            humantime::format_rfc3339_millis(unix_time(self.lifecycle.drain_deadline_unix_ms())),
+            self.deadline_source.as_str(),
+        )));
+        let reason = match self.until(self.window(facts.as_ref(), delay_end)).await {
+            Ok(reason) => reason,
+            Err(outcome) => return self.force(outcome).await,
+        };
+        lifecycle.metrics.set_window_end(reason);
         lifecycle.set_phase(Phase::Closing);
         lifecycle.tokens.stop_accepting.cancel();
         tracing::info!(
+            reason = reason.as_str(),
             connections_active = lifecycle.connections.active(),
             "lame-duck window over; waiting for connections to finish"
         );
-        match self
-            .until(lifecycle.connections.wait_all_closed(), deadline)
-            .await
-        {
+        match self.until(lifecycle.connections.wait_all_closed()).await {
             Ok(()) => Outcome::Graceful,
             Err(outcome) => self.force(outcome).await,
         }
+    }
+
+    /// The pod as the API sees it now (its deletionTimestamp above all), or
+    /// what start-up learned if the API does not answer in time; None
+    /// without the API. Waits at most the API timeout twice (the start-up
+    /// connection, normally long done, and the read).
+    async fn pod_facts(&mut self) -> Result<Option<PodFacts>, Outcome> {
+        let api_timeout = self.config.kube.api_timeout;
+        if let Some(connect) = self.kube_connect.take() {
+            self.kube = match self.until(timeout(api_timeout, connect.join())).await? {
+                Ok(Some(Ok(kube))) => kube,
+                Ok(Some(Err(error))) => {
+                    tracing::warn!(%error, "Kubernetes API not used; the fixed window and deadline apply");
+                    None
+                }
+                Ok(None) | Err(_) => {
+                    tracing::warn!(
+                        "Kubernetes client not connected in time; the fixed window and deadline apply"
+                    );
+                    None
+                }
+            };
+        }
+        let Some(kube) = self.kube.clone() else {
+            return Ok(None);
+        };
+        let metrics = &self.lifecycle.metrics;
+        Ok(Some(match self.until(kube.read_pod(metrics)).await? {
+            Ok(facts) => facts,
+            Err(error) => {
+                tracing::warn!(%error, "own Pod unreadable at the drain; deadline from what start-up learned");
+                kube.facts().clone()
+            }
+        }))
+    }
+
+    /// Moves the deadline to what the facts say (see `deadline.rs`).
+    fn set_deadline(&mut self, started: SystemTime, facts: Option<&PodFacts>) {
+        let (at, source) = drain_deadline(DeadlineFacts {
+            drain_started: started,
+            drain_timeout: self.config.drain_timeout,
+            drain_timeout_explicit: self.config.drain_timeout_explicit,
+            margin: self.config.deadline_margin,
+            grace_period: facts.and_then(|f| f.grace_period),
+            deletion: facts.and_then(|f| f.deletion),
+        });
+        self.lifecycle.set_deadline(at, source);
+        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+        self.deadline = Instant::now() + left;
+        self.deadline_source = source;
+        tracing::info!(
+            deadline = %humantime::format_rfc3339_millis(at),
+            source = source.as_str(),
+            in_ms = left.as_millis() as u64,
+            "drain deadline"
+        );
+    }
+
+    /// The lame-duck window: until no EndpointSlice routes to the pod (plus
+    /// the propagation margin), at most --drain-delay.
+    fn window(
+        &self,
+        facts: Option<&PodFacts>,
+        delay_end: Instant,
+    ) -> impl Future<Output = WindowEnd> + use<'a> {
+        let kube = self.kube.clone();
+        let facts = facts.cloned();
+        let (lifecycle, tasks) = (self.lifecycle, self.kube_tasks);
+        let margin = self.config.endpoint_propagation_margin;
+        let endpoints = async move {
+            let (Some(kube), Some(facts)) = (kube, facts) else {
+                return std::future::pending().await;
+            };
+            match kube.endpoints_released(&facts, &lifecycle.metrics).await {
+                Ok(EndpointsReleased::NotListed) => {
+                    tracing::info!(
+                        "the pod is in no EndpointSlice; waiting only the propagation margin"
+                    );
+                    sleep(margin).await;
+                    WindowEnd::NoEndpoints
+                }
+                Ok(EndpointsReleased::Removed) => {
+                    let after = lifecycle
+                        .drain_started()
+                        .map(|t| t.elapsed())
+                        .unwrap_or_default();
+                    tracing::info!(
+                        after_ms = after.as_millis() as u64,
+                        "no EndpointSlice routes to the pod any more"
+                    );
+                    let event = DrainEvent::endpoints_removed(format!(
+                        "no EndpointSlice routes to this pod {} after the drain started; closing the listener in {}",
+                        humantime::format_duration(round_ms(after)),
+                        humantime::format_duration(margin),
+                    ));
+                    publish_in_background(tasks, &kube, lifecycle, event);
+                    sleep(margin).await;
+                    WindowEnd::EndpointsRemoved
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "EndpointSlices unreadable; the fixed --drain-delay applies");
+                    sleep_until(delay_end).await;
+                    WindowEnd::ApiUnavailable
+                }
+            }
+        };
+        async move {
+            tokio::select! {
+                // At the same instant, the API's failure is the reason to report.
+                biased;
+                reason = endpoints => reason,
+                () = sleep_until(delay_end) => WindowEnd::DelayElapsed,
+            }
+        }
+    }
+
+    fn publish(&self, event: DrainEvent) {
+        if let Some(kube) = &self.kube {
+            publish_in_background(self.kube_tasks, kube, self.lifecycle, event);
+        }
+    }
+
+    /// The drain's last Event, awaited (bounded by the API timeout).
+    async fn publish_outcome(&self, summary: &DrainSummary) {
+        let Some(kube) = &self.kube else { return };
+        let took = humantime::format_duration(round_ms(Duration::from_millis(summary.duration_ms)));
+        let event = match summary.outcome {
+            Outcome::Graceful => DrainEvent::completed(format!(
+                "drained in {took}: {} requests served during the drain, {} connections closed gracefully",
+                summary.requests_during_drain, summary.connections_graceful,
+            )),
+            forced => DrainEvent::forced(format!(
+                "{} after {took} (deadline from {}): {} connections closed forcibly, {} gracefully, {} requests served during the drain; exit {}",
+                match forced {
+                    Outcome::Signal => "second signal",
+                    _ => "deadline reached",
+                },
+                self.deadline_source.as_str(),
+                summary.connections_forced,
+                summary.connections_graceful,
+                summary.requests_during_drain,
+                summary.exit_code,
+            )),
+        };
+        kube.publish(event, &self.lifecycle.metrics).await;
     }
 
     async fn force(&self, outcome: Outcome) -> Outcome {
@@ -277,8 +475,8 @@ impl Driver<'_> {
 
     /// Keeps the admin server up so one more scrape sees the final figures;
     /// never past the deadline, and any stop signal ends it at once.
-    async fn linger(&mut self, deadline: Instant) {
-        let until = (Instant::now() + self.config.metrics_linger).min(deadline);
+    async fn linger(&mut self) {
+        let until = (Instant::now() + self.config.metrics_linger).min(self.deadline);
         if until <= Instant::now() {
             return;
         }
@@ -321,10 +519,40 @@ async fn probe_upstream(upstream: Upstream, lifecycle: Arc<DrainState>, stop: Ca
 }
 
 /// A task that must not outlive its owner.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T = ()>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> AbortOnDrop<T> {
+    /// The task's output; None if it panicked.
+    async fn join(mut self) -> Option<T> {
+        (&mut self.0).await.ok()
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Publishes an Event without holding up the drain; `tasks` (owned by
+/// `run`) is awaited, bounded, before the admin server goes.
+fn publish_in_background(
+    tasks: &TaskTracker,
+    kube: &Kube,
+    lifecycle: &Arc<DrainState>,
+    event: DrainEvent,
+) {
+    let (kube, lifecycle) = (kube.clone(), lifecycle.clone());
+    tasks.spawn(async move {
+        kube.publish(event, &lifecycle.metrics).await;
+    });
+}
+
+fn unix_time(ms: Option<u64>) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms.unwrap_or_default())
+}
+
+/// Durations in Events and logs, to the millisecond.
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
 }

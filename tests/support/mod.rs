@@ -102,7 +102,15 @@ pub fn base_command() -> Command {
     let mut cmd = Command::new(BIN);
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().to_string();
-        if k.starts_with("LAMEDUCK_") || k == "RUST_LOG" {
+        // Nor the Kubernetes identity of a machine that happens to run in a
+        // pod: tests that want the API pass it explicitly.
+        let kubernetes = [
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "KUBECONFIG",
+            "KUBERNETES_SERVICE_HOST",
+        ];
+        if k.starts_with("LAMEDUCK_") || k == "RUST_LOG" || kubernetes.contains(&k.as_str()) {
             cmd.env_remove(&k);
         }
     }
