@@ -198,6 +198,15 @@ impl Scenario {
                 .iter()
                 .all(|r| events.iter().any(|e| e.reason.as_deref() == Some(*r)))
             {
+                // As `kubectl get events` would list them (docs/kubernetes.md).
+                for e in &events {
+                    eprintln!(
+                        "event: {:<8} {:<17} {}",
+                        e.type_.as_deref().unwrap_or(""),
+                        e.reason.as_deref().unwrap_or(""),
+                        e.note.as_deref().unwrap_or("")
+                    );
+                }
                 return events;
             }
             if Instant::now() > deadline {
