@@ -450,3 +450,56 @@ async fn ready_says_upstream_unavailable_when_the_app_stops_and_recovers_when_it
     let _app = back.expect("re-bind the upstream port");
     wait_ready(admin, secs(10)).await;
 }
+
+/// The admin port is reachable from every pod. One that holds as many
+/// connections as it can, each parked on `GET /drained?timeout=10m`, must not
+/// lock out the kubelet (here: 127.0.0.1) from `/ready` or from the app's
+/// preStop `GET /drained`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_flooding_the_admin_port_cannot_lock_out_the_kubelet() {
+    let (_app, ld) = app_behind_lameduck(&["--drain-delay", "1s", "--metrics-linger", "3s"]).await;
+    let admin = ld.admin_addr();
+    let mut held = Vec::new();
+    let mut served = 0;
+    for _ in 0..200 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let Ok(mut stream) = socket.connect(admin).await else {
+            continue;
+        };
+        use tokio::io::AsyncWriteExt;
+        let _ = stream
+            .write_all(b"GET /drained?timeout=10m HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await;
+        held.push(stream);
+    }
+    // The ones over the per-peer limit are closed at once.
+    tokio::time::sleep(ms(300)).await;
+    for stream in &held {
+        let mut probe = [0u8; 1];
+        if matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        {
+            served += 1;
+        }
+    }
+    assert!(
+        (1..=16).contains(&served),
+        "{served} of 200 connections from one peer are being served"
+    );
+
+    // The kubelet: readiness, then its preStop wait, both answered.
+    assert_eq!(get(admin, "/ready").await.0, 200);
+    let waiter =
+        tokio::spawn(
+            async move { http_request(admin, "GET", "/drained?timeout=10s", &[], b"").await },
+        );
+    tokio::time::sleep(ms(200)).await;
+    assert_eq!(post(admin, "/drain").await.0, 202);
+    let drained = tokio::time::timeout(secs(8), waiter)
+        .await
+        .expect("/drained answered within 8s")
+        .unwrap()
+        .expect("/drained transport");
+    assert_eq!(drained.status, 200, "{}", drained.text());
+    drop(held);
+}

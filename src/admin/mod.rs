@@ -5,9 +5,10 @@
 //! (`POST /drain`) is a message to the lifecycle, accepted from loopback only,
 //! because every pod in the cluster can reach this port.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,9 +29,14 @@ use tokio_util::task::TaskTracker;
 use crate::drain::{DrainState, Event, State};
 
 /// Admin connections served at once; more are closed at accept.
-const MAX_ADMIN_CONNECTIONS: usize = 128;
-/// `GET /drained` requests allowed to wait at once (503 beyond).
-const MAX_DRAINED_WAITERS: usize = 64;
+const MAX_ADMIN_CONNECTIONS: usize = 512;
+/// Admin connections one peer address may hold. Every pod can reach this
+/// port, and the kubelet's probes and the app's preStop `GET /drained` come
+/// from the node's address: no other peer may crowd them out. A waiting
+/// `/drained` costs a connection and nothing else, so it needs no cap of
+/// its own (a cap on waiters was a way to turn the kubelet's hook into an
+/// immediate 503, and the app's SIGTERM into lost requests).
+const MAX_ADMIN_CONNECTIONS_PER_PEER: usize = 16;
 const DEFAULT_DRAINED_WAIT: Duration = Duration::from_secs(60);
 const MAX_DRAINED_WAIT: Duration = Duration::from_secs(600);
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,7 +44,6 @@ const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 struct AdminState {
     lifecycle: Arc<DrainState>,
     events: mpsc::Sender<Event>,
-    drained_waiters: Semaphore,
 }
 
 pub struct AdminServer {
@@ -53,11 +58,7 @@ impl AdminServer {
         lifecycle: Arc<DrainState>,
         events: mpsc::Sender<Event>,
     ) -> Self {
-        let state = Arc::new(AdminState {
-            lifecycle,
-            events,
-            drained_waiters: Semaphore::new(MAX_DRAINED_WAITERS),
-        });
+        let state = Arc::new(AdminState { lifecycle, events });
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
         let accept_loop = tokio::spawn(accept(
@@ -94,6 +95,7 @@ async fn accept(
     connections: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let peers = Arc::new(PeerSlots::default());
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -106,13 +108,16 @@ async fn accept(
                 }
             },
         };
+        let Some(peer_slot) = peers.acquire(peer.ip()) else {
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let state = state.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, peer_slot);
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
@@ -130,6 +135,55 @@ async fn accept(
                 }
             }
         });
+    }
+}
+
+/// Admin connections per peer address. Touched once at accept and once at
+/// close of an admin connection, never on the proxy's path and never across
+/// an `.await`.
+#[derive(Default)]
+struct PeerSlots {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PeerSlots {
+    fn acquire(self: &Arc<Self>, peer: IpAddr) -> Option<PeerSlot> {
+        let peer = peer.to_canonical();
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = open.entry(peer).or_default();
+        if *count >= MAX_ADMIN_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+}
+
+/// One admin connection of `peer`, released on drop.
+struct PeerSlot {
+    slots: Arc<PeerSlots>,
+    peer: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .slots
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -235,12 +289,6 @@ async fn drained(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes
             }
         },
         None => DEFAULT_DRAINED_WAIT,
-    };
-    let Ok(_permit) = state.drained_waiters.try_acquire() else {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many /drained waiters\n",
-        );
     };
     let mut drained = state.lifecycle.subscribe_drained();
     match timeout(wait, drained.wait_for(Option::is_some)).await {
