@@ -1,19 +1,22 @@
 // Command kubecheck validates lameduck's Kubernetes manifests without a cluster.
 //
-//	kubecheck [-mode native|regular|any] [-rehearse LAMEDUCK_BIN] FILE|- ...
+//	kubecheck [-mode native|regular|any] [-namespace NS] [-rehearse LAMEDUCK_BIN] FILE|- ...
 //
 // Every YAML document is decoded strictly (unknown or duplicated fields and
-// wrong types are errors) into the real API types: k8s.io/api for Deployment
-// and Service, the Prometheus Operator's types for PodMonitor. Deployments and
-// Services then go through the API server's own create-time validation
+// wrong types are errors) into the real API types: k8s.io/api for Deployment,
+// Service, ServiceAccount, Role and RoleBinding, the Prometheus Operator's
+// types for PodMonitor. All but the PodMonitor then go through the API
+// server's own create-time validation
 // (k8s.io/kubernetes/pkg/apis/.../validation, after the same defaulting and
 // conversion to the internal types), and its warnings are printed; pod
 // templates are also held to the Pod Security Standards' "restricted" level
 // (k8s.io/pod-security-admission, the PodSecurity admission plugin's checks). Then the
 // lameduck wiring is checked: the sidecar's flags, ports, probes and drain
 // hooks, the app's preStop on /drained, the grace period against
-// --drain-timeout, the hardening, and that the Service and PodMonitor select
-// the pods and point at lameduck's ports.
+// --drain-timeout, the pod identity from the downward API and the
+// ServiceAccount token against the RBAC in the input (see checkAPIAccess),
+// the hardening, and that the Service and PodMonitor select the pods and
+// point at lameduck's ports.
 //
 // With -rehearse, each Deployment's pod deletion is also replayed against a
 // real lameduck binary on loopback (see rehearse.go): the rendered arguments,
@@ -42,6 +45,7 @@ import (
 	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -54,6 +58,7 @@ import (
 	"k8s.io/kubernetes/pkg/apis/core"
 	_ "k8s.io/kubernetes/pkg/apis/core/install"
 	corevalidation "k8s.io/kubernetes/pkg/apis/core/validation"
+	_ "k8s.io/kubernetes/pkg/apis/rbac/install"
 	psaapi "k8s.io/pod-security-admission/api"
 	psapolicy "k8s.io/pod-security-admission/policy"
 	"sigs.k8s.io/yaml"
@@ -75,9 +80,10 @@ func (c *checker) fail(format string, args ...any) {
 func main() {
 	mode := flag.String("mode", "any", "expected sidecar mode: native, regular or any")
 	rehearseBin := flag.String("rehearse", "", "path to a lameduck binary: also replay each Deployment's pod deletion against it, on loopback")
+	flag.StringVar(&defaultNamespace, "namespace", defaultNamespace, "the namespace of objects without metadata.namespace (as kubectl apply -n)")
 	flag.Parse()
 	if flag.NArg() == 0 {
-		fmt.Fprintln(os.Stderr, "usage: kubecheck [-mode native|regular|any] [-rehearse LAMEDUCK_BIN] FILE|- ...")
+		fmt.Fprintln(os.Stderr, "usage: kubecheck [-mode native|regular|any] [-namespace NS] [-rehearse LAMEDUCK_BIN] FILE|- ...")
 		os.Exit(2)
 	}
 	if *mode != "native" && *mode != "regular" && *mode != "any" {
@@ -85,9 +91,7 @@ func main() {
 		os.Exit(2)
 	}
 	c := &checker{mode: *mode}
-	var deps []*appsv1.Deployment
-	var svcs []*corev1.Service
-	var pms []*monitoringv1.PodMonitor
+	in := &inputs{}
 	for _, name := range flag.Args() {
 		data, err := readInput(name)
 		if err != nil {
@@ -96,39 +100,29 @@ func main() {
 		}
 		for i, doc := range splitDocs(data) {
 			where := fmt.Sprintf("%s (document %d)", name, i+1)
-			d, s, p, err := decode(doc)
-			if err != nil {
+			if err := in.decode(doc); err != nil {
 				c.fail("%s: %v", where, err)
-				continue
-			}
-			if d != nil {
-				deps = append(deps, d)
-			}
-			if s != nil {
-				svcs = append(svcs, s)
-			}
-			if p != nil {
-				pms = append(pms, p)
 			}
 		}
 	}
-	if len(deps) == 0 && len(svcs) == 0 && len(pms) == 0 && len(c.problems) == 0 {
-		c.fail("no Deployment, Service or PodMonitor found")
+	if in.empty() && len(c.problems) == 0 {
+		c.fail("no Deployment, Service, PodMonitor, ServiceAccount, Role or RoleBinding found")
 	}
-	for _, d := range deps {
+	for _, d := range in.deps {
 		c.apiValidateDeployment(d)
-		c.checkDeployment(d)
+		c.checkDeployment(d, in)
 		if *rehearseBin != "" {
 			c.rehearse(*rehearseBin, d)
 		}
 	}
-	for _, s := range svcs {
+	for _, s := range in.svcs {
 		c.apiValidateService(s)
-		c.checkService(s, deps)
+		c.checkService(s, in.deps)
 	}
-	for _, p := range pms {
-		c.checkPodMonitor(p, deps)
+	for _, p := range in.pms {
+		c.checkPodMonitor(p, in.deps)
 	}
+	c.apiValidateRBAC(in)
 	for _, n := range c.notes {
 		fmt.Println("ok:", n)
 	}
@@ -173,36 +167,75 @@ func splitDocs(data []byte) [][]byte {
 	return out
 }
 
-func decode(doc []byte) (*appsv1.Deployment, *corev1.Service, *monitoringv1.PodMonitor, error) {
+// inputs holds every decoded object of the input files.
+type inputs struct {
+	deps     []*appsv1.Deployment
+	svcs     []*corev1.Service
+	pms      []*monitoringv1.PodMonitor
+	sas      []*corev1.ServiceAccount
+	roles    []*rbacv1.Role
+	bindings []*rbacv1.RoleBinding
+}
+
+func (in *inputs) empty() bool {
+	return len(in.deps)+len(in.svcs)+len(in.pms)+len(in.sas)+len(in.roles)+len(in.bindings) == 0
+}
+
+// strict decodes doc into a new T, refusing unknown fields and wrong types.
+func strict[T any](kind string, doc []byte) (*T, error) {
+	var v T
+	if err := yaml.UnmarshalStrict(doc, &v); err != nil {
+		return nil, fmt.Errorf("%s: %v", kind, err)
+	}
+	return &v, nil
+}
+
+func (in *inputs) decode(doc []byte) error {
 	var meta struct {
 		APIVersion string `json:"apiVersion"`
 		Kind       string `json:"kind"`
 	}
 	if err := yaml.Unmarshal(doc, &meta); err != nil {
-		return nil, nil, nil, fmt.Errorf("not YAML: %v", err)
+		return fmt.Errorf("not YAML: %v", err)
 	}
+	var err error
 	switch meta.APIVersion + "/" + meta.Kind {
 	case "apps/v1/Deployment":
-		var d appsv1.Deployment
-		if err := yaml.UnmarshalStrict(doc, &d); err != nil {
-			return nil, nil, nil, fmt.Errorf("Deployment: %v", err)
+		var d *appsv1.Deployment
+		if d, err = strict[appsv1.Deployment](meta.Kind, doc); err == nil {
+			in.deps = append(in.deps, d)
 		}
-		return &d, nil, nil, nil
 	case "v1/Service":
-		var s corev1.Service
-		if err := yaml.UnmarshalStrict(doc, &s); err != nil {
-			return nil, nil, nil, fmt.Errorf("Service: %v", err)
+		var s *corev1.Service
+		if s, err = strict[corev1.Service](meta.Kind, doc); err == nil {
+			in.svcs = append(in.svcs, s)
 		}
-		return nil, &s, nil, nil
 	case "monitoring.coreos.com/v1/PodMonitor":
-		var p monitoringv1.PodMonitor
-		if err := yaml.UnmarshalStrict(doc, &p); err != nil {
-			return nil, nil, nil, fmt.Errorf("PodMonitor: %v", err)
+		var p *monitoringv1.PodMonitor
+		if p, err = strict[monitoringv1.PodMonitor](meta.Kind, doc); err == nil {
+			in.pms = append(in.pms, p)
 		}
-		return nil, nil, &p, nil
+	case "v1/ServiceAccount":
+		var sa *corev1.ServiceAccount
+		if sa, err = strict[corev1.ServiceAccount](meta.Kind, doc); err == nil {
+			in.sas = append(in.sas, sa)
+		}
+	case "rbac.authorization.k8s.io/v1/Role":
+		var r *rbacv1.Role
+		if r, err = strict[rbacv1.Role](meta.Kind, doc); err == nil {
+			in.roles = append(in.roles, r)
+		}
+	case "rbac.authorization.k8s.io/v1/RoleBinding":
+		var b *rbacv1.RoleBinding
+		if b, err = strict[rbacv1.RoleBinding](meta.Kind, doc); err == nil {
+			in.bindings = append(in.bindings, b)
+		}
 	default:
-		return nil, nil, nil, fmt.Errorf("unexpected object %s %q (this checker knows Deployment, Service, PodMonitor)", meta.APIVersion, meta.Kind)
+		// ClusterRole and ClusterRoleBinding included: lameduck needs nothing
+		// cluster-wide, so its manifests have no business holding them.
+		return fmt.Errorf("unexpected object %s %q (this checker knows Deployment, Service, PodMonitor, ServiceAccount, Role, RoleBinding)", meta.APIVersion, meta.Kind)
 	}
+	return err
 }
 
 // findSidecar returns the lameduck container and whether it is a native sidecar.
@@ -298,7 +331,7 @@ func resolvePort(p intstr.IntOrString, c *corev1.Container) (int32, error) {
 	return 0, fmt.Errorf("named port %q not declared on container %q", p.StrVal, c.Name)
 }
 
-func (c *checker) checkDeployment(d *appsv1.Deployment) {
+func (c *checker) checkDeployment(d *appsv1.Deployment, in *inputs) {
 	where := "Deployment/" + d.Name
 	spec := &d.Spec.Template.Spec
 	before := len(c.problems)
@@ -367,6 +400,10 @@ func (c *checker) checkDeployment(d *appsv1.Deployment) {
 	if v, ok := f["log-format"]; ok && v != "json" && v != "text" {
 		c.fail("%s: --log-format=%s: want json or text", where, v)
 	}
+	kubeMode := flagValue(f, ld, "kubernetes")
+	if kubeMode != "auto" && kubeMode != "on" && kubeMode != "off" {
+		c.fail("%s: --kubernetes=%s: want auto, on or off", where, kubeMode)
+	}
 
 	declared := map[int32]bool{}
 	for _, p := range ld.Ports {
@@ -390,6 +427,14 @@ func (c *checker) checkDeployment(d *appsv1.Deployment) {
 	if grace <= timeoutSec {
 		c.fail("%s: terminationGracePeriodSeconds %d must exceed --drain-timeout %v", where, grace, timeout)
 	}
+
+	// The Kubernetes API: the pod's identity, --deadline-margin, the token
+	// and what it grants.
+	if kubeMode != "off" {
+		c.checkPodIdentity(where, ld)
+		c.checkDeadlineMargin(where, f, ld, native, grace)
+	}
+	api := c.checkAPIAccess(where, d, kubeMode, in)
 
 	// lameduck's own drain hook (native) / none (regular: SIGTERM starts the drain).
 	if native {
@@ -464,8 +509,8 @@ func (c *checker) checkDeployment(d *appsv1.Deployment) {
 		if native {
 			kind = "native sidecar"
 		}
-		c.notes = append(c.notes, fmt.Sprintf("%s: lameduck as %s; proxy :%d, admin :%d; drain-delay %v, drain-timeout %v < grace %ds; %d app container(s) wait on /drained",
-			where, kind, listenPort, adminPort, delay, timeout, grace, apps))
+		c.notes = append(c.notes, fmt.Sprintf("%s: lameduck as %s; proxy :%d, admin :%d; drain-delay %v, drain-timeout %v < grace %ds; %d app container(s) wait on /drained; API: %s",
+			where, kind, listenPort, adminPort, delay, timeout, grace, apps, api))
 	}
 }
 
@@ -669,9 +714,7 @@ func metaSelector(ls *metav1.LabelSelector) (labels.Selector, error) {
 func (c *checker) apiValidateDeployment(d *appsv1.Deployment) {
 	where := "Deployment/" + d.Name
 	obj := d.DeepCopy()
-	if obj.Namespace == "" {
-		obj.Namespace = "default" // as if applied to a namespace
-	}
+	obj.Namespace = nsOrDefault(obj.Namespace) // as if applied to a namespace
 	legacyscheme.Scheme.Default(obj)
 	var in apps.Deployment
 	if err := legacyscheme.Scheme.Convert(obj, &in, nil); err != nil {
@@ -710,9 +753,7 @@ func (c *checker) podSecurity(where string, meta *metav1.ObjectMeta, spec *corev
 func (c *checker) apiValidateService(s *corev1.Service) {
 	where := "Service/" + s.Name
 	obj := s.DeepCopy()
-	if obj.Namespace == "" {
-		obj.Namespace = "default"
-	}
+	obj.Namespace = nsOrDefault(obj.Namespace)
 	legacyscheme.Scheme.Default(obj)
 	var in core.Service
 	if err := legacyscheme.Scheme.Convert(obj, &in, nil); err != nil {
@@ -720,6 +761,14 @@ func (c *checker) apiValidateService(s *corev1.Service) {
 		return
 	}
 	errs := corevalidation.ValidateServiceCreate(&in)
+	c.apiErrors(where, errs)
+	if len(errs) == 0 {
+		c.notes = append(c.notes, where+": passes the API server's create validation (k8s.io/kubernetes v1.37)")
+	}
+}
+
+// apiValidated reports errs, or notes that the object passed.
+func (c *checker) apiValidated(where string, errs field.ErrorList) {
 	c.apiErrors(where, errs)
 	if len(errs) == 0 {
 		c.notes = append(c.notes, where+": passes the API server's create validation (k8s.io/kubernetes v1.37)")

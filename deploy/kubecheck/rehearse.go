@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -76,11 +77,13 @@ func (c *checker) rehearse(bin string, d *appsv1.Deployment) {
 	}
 
 	cmd := exec.Command(bin, loopbackArgs(ld.Args)...)
-	for _, e := range ld.Env {
-		if e.ValueFrom == nil {
-			cmd.Env = append(cmd.Env, e.Name+"="+e.Value)
-		}
+	env, home, err := rehearsalEnv(d, ld)
+	if err != nil {
+		c.fail("%s: rehearsal: %v", where, err)
+		return
 	}
+	defer os.RemoveAll(home)
+	cmd.Env = env
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		c.fail("%s: rehearsal: %v", where, err)
@@ -230,10 +233,47 @@ func (c *checker) rehearse(bin string, d *appsv1.Deployment) {
 		c.fail("%s: rehearsal: lameduck still running %v after the drain", where, limit)
 		return
 	}
+	if !strings.Contains(logs.String(), "Kubernetes API not used") && !strings.Contains(kubeModeOf(ld), "off") {
+		c.warnings = append(c.warnings, where+": rehearsal: lameduck did not log that it runs without the Kubernetes API")
+	}
 	mode := "SIGTERM (regular container)"
 	if native {
 		mode = "its preStop exec hook (native sidecar)"
 	}
 	c.notes = append(c.notes, fmt.Sprintf("%s: rehearsed with %s: drain started by %s, app's GET %s -> 200 after %.1fs, lameduck exited 0",
 		where, bin, mode, appHook.Path, app.at.Seconds()))
+}
+
+// rehearsalEnv is the sidecar's environment as the kubelet would set it, for
+// a rehearsal off-cluster: the literal env values, the downward API's
+// metadata.name / metadata.namespace (a made-up pod name, the Deployment's
+// namespace), PATH, and nothing that could point lameduck at a real
+// cluster: no KUBECONFIG, no KUBERNETES_SERVICE_HOST, HOME an empty
+// temporary directory (no ~/.kube/config). --kubernetes=auto then finds no
+// configuration and drains on the rendered fixed timings, as it does in a
+// pod without a token. Returns the environment and the directory to remove.
+func rehearsalEnv(d *appsv1.Deployment, ld *corev1.Container) ([]string, string, error) {
+	home, err := os.MkdirTemp("", "kubecheck-rehearsal-")
+	if err != nil {
+		return nil, "", err
+	}
+	env := []string{"HOME=" + home, "PATH=" + os.Getenv("PATH")}
+	field := map[string]string{
+		"metadata.name":      d.Name + "-5d8f7c6b9-rh7x2",
+		"metadata.namespace": nsOrDefault(d.Namespace),
+	}
+	for _, e := range ld.Env {
+		switch {
+		case e.ValueFrom == nil:
+			env = append(env, e.Name+"="+e.Value)
+		case e.ValueFrom.FieldRef != nil && field[e.ValueFrom.FieldRef.FieldPath] != "":
+			env = append(env, e.Name+"="+field[e.ValueFrom.FieldRef.FieldPath])
+		}
+	}
+	return env, home, nil
+}
+
+// kubeModeOf is the rendered --kubernetes value ("" when absent: auto).
+func kubeModeOf(ld *corev1.Container) string {
+	return flagValue(flags(ld.Args), ld, "kubernetes")
 }
