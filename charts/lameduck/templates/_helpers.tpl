@@ -120,6 +120,17 @@ metricsLinger: 15s
 maxConnections: 10000
 logLevel: info
 logFormat: json
+# --kubernetes: auto | on | off. auto uses the API when the pod has a
+# ServiceAccount token (see "lameduck.rbac") and POD_NAME/POD_NAMESPACE,
+# which the sidecar always gets from the downward API.
+kubernetes: auto
+# --deadline-margin: how long before the pod's SIGKILL (deletionTimestamp)
+# the drain deadline falls when it comes from the API. Empty: derived from
+# the layout: 1s for a native sidecar (the app has already exited when
+# lameduck is sent SIGTERM, the margin only covers lameduck's exit),
+# appShutdownSeconds for a regular container (the app is sent SIGTERM only
+# once lameduck has drained, so the margin is the app's shutdown time).
+deadlineMargin: null
 extraArgs: []
 env: []
 # Pod-level: empty = ceil(drainTimeout) + appShutdownSeconds.
@@ -181,6 +192,9 @@ livenessProbe:
 {{- if not (has $c.logFormat (list "json" "text")) -}}
 {{- fail (printf "lameduck: logFormat=%q: must be json or text" (toString $c.logFormat)) -}}
 {{- end -}}
+{{- if not (has (toString $c.kubernetes) (list "auto" "on" "off")) -}}
+{{- fail (printf "lameduck: kubernetes=%q: must be auto, on or off" (toString $c.kubernetes)) -}}
+{{- end -}}
 {{- $delayMs := include "lameduck.durationMillis" (dict "name" "drainDelay" "value" $c.drainDelay) | int64 -}}
 {{- $timeoutMs := include "lameduck.durationMillis" (dict "name" "drainTimeout" "value" $c.drainTimeout) | int64 -}}
 {{- $lingerMs := include "lameduck.durationMillis" (dict "name" "metricsLinger" "value" $c.metricsLinger) | int64 -}}
@@ -209,7 +223,29 @@ livenessProbe:
 {{- fail (printf "lameduck: nativeSidecar=true needs Kubernetes >= 1.29 (init containers with restartPolicy: Always); this cluster is %s. Set nativeSidecar=false." .context.Capabilities.KubeVersion.Version) -}}
 {{- end -}}
 {{- end -}}
-{{- $_ := set $c "drainDelay" (include "lameduck.formatMillis" $delayMs) -}}
+{{- /* --deadline-margin. With the API, the drain deadline is the earlier of
+       drainTimeout (from the start of the drain) and deletionTimestamp (the
+       deletion + the grace period) minus this margin. With the computed
+       grace period (ceil(drainTimeout) + appShutdownSeconds) and the drain
+       starting at the deletion, that is drainTimeout in both layouts
+       (regular: grace - appShutdownSeconds = drainTimeout; native:
+       grace - 1s > drainTimeout); the API-derived deadline binds only when a
+       shorter grace period is set, and then still leaves the margin. */ -}}
+{{- $marginMs := 0 -}}
+{{- if or (kindIs "invalid" $c.deadlineMargin) (eq (toString $c.deadlineMargin) "") -}}
+{{- if $c.nativeSidecar -}}
+{{- $marginMs = 1000 -}}
+{{- else -}}
+{{- $marginMs = mul (int64 $c.appShutdownSeconds) 1000 -}}
+{{- end -}}
+{{- else -}}
+{{- $marginMs = include "lameduck.durationMillis" (dict "name" "deadlineMargin" "value" $c.deadlineMargin) | int64 -}}
+{{- end -}}
+{{- if ge (int64 $marginMs) (mul $grace 1000) -}}
+{{- fail (printf "lameduck: deadlineMargin (%s) must be shorter than terminationGracePeriodSeconds (%d)" (include "lameduck.formatMillis" $marginMs) $grace) -}}
+{{- end -}}
+{{- $_ := set $c "deadlineMargin" (include "lameduck.formatMillis" $marginMs) -}}
+{{- $_ = set $c "drainDelay" (include "lameduck.formatMillis" $delayMs) -}}
 {{- $_ = set $c "drainTimeout" (include "lameduck.formatMillis" $timeoutMs) -}}
 {{- $_ = set $c "metricsLinger" (include "lameduck.formatMillis" $lingerMs) -}}
 {{- /* How long a drain hook waits on /drained: drainTimeout + 1s. The wait can
@@ -263,7 +299,11 @@ Put it under `initContainers:` when nativeSidecar is true (it carries
     - --mode={{ $c.mode }}
     - --upstream-protocol={{ $c.upstreamProtocol }}
     - --drain-delay={{ $c.drainDelay }}
+    # An upper bound: with the Kubernetes API the deadline is the earlier of
+    # this and the pod's deletionTimestamp minus --deadline-margin.
     - --drain-timeout={{ $c.drainTimeout }}
+    - --kubernetes={{ $c.kubernetes }}
+    - --deadline-margin={{ $c.deadlineMargin }}
     - --metrics-linger={{ $c.metricsLinger }}
     - --max-connections={{ int64 $c.maxConnections }}
     - --log-level={{ $c.logLevel }}
@@ -271,10 +311,20 @@ Put it under `initContainers:` when nativeSidecar is true (it carries
     {{- range $c.extraArgs }}
     - {{ . | quote }}
     {{- end }}
-  {{- with $c.env }}
   env:
+    # The pod's identity for --kubernetes (its Pod, its EndpointSlices, the
+    # Events' object), from the downward API.
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    - name: POD_NAMESPACE
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
+    {{- with $c.env }}
     {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- end }}
   ports:
     - name: http
       containerPort: {{ int64 $c.listenPort }}
@@ -355,6 +405,110 @@ Fails the render if it does not exceed drainTimeout.
 {{- define "lameduck.terminationGracePeriodSeconds" -}}
 {{- $c := include "lameduck.config" . | fromYaml -}}
 {{- int64 $c.terminationGracePeriodSeconds -}}
+{{- end }}
+
+{{/*
+=============================================================================
+"lameduck.rbac": what lameduck needs from the Kubernetes API, as in the
+repository's deploy/rbac.yaml: a ServiceAccount, and a Role + RoleBinding in
+the pods' namespace granting exactly
+  get pods                                   (its own Pod: deletionTimestamp,
+                                              terminationGracePeriodSeconds)
+  list, watch discovery.k8s.io endpointslices (the window ends when none
+                                              routes to the pod any more)
+  create, patch events.k8s.io events         (DrainStarted, ..., DrainCompleted)
+and nothing cluster-wide. The pods then need serviceAccountName: <name> and
+the token (automountServiceAccountToken: true).
+
+  {{- include "lameduck.rbac" (dict "name" "my-app-lameduck" "namespace" .Release.Namespace "labels" (include "my-app.labels" .)) }}
+
+Keys: name (the ServiceAccount's; the Role and RoleBinding are <name>-drain),
+namespace, labels (a YAML string, optional), serviceAccount (default true:
+render the ServiceAccount), rbac (default true: render Role and RoleBinding).
+Renders its documents each preceded by "---".
+=============================================================================
+*/}}
+{{- define "lameduck.rbac" -}}
+{{- if not .name -}}
+{{- fail "lameduck.rbac: name (the ServiceAccount's) is empty" -}}
+{{- end -}}
+{{- if not .namespace -}}
+{{- fail "lameduck.rbac: namespace is empty" -}}
+{{- end -}}
+{{- if or (not (hasKey . "serviceAccount")) .serviceAccount }}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {{ .name }}
+  namespace: {{ .namespace }}
+  {{- with .labels }}
+  labels:
+    {{- . | nindent 4 }}
+  {{- end }}
+  {{- with .annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- if or (not (hasKey . "rbac")) .rbac }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: {{ .name }}-drain
+  namespace: {{ .namespace }}
+  {{- with .labels }}
+  labels:
+    {{- . | nindent 4 }}
+  {{- end }}
+rules:
+  # Its own Pod (a Role cannot name "the pod I run in": get, no list/watch).
+  - apiGroups: [""]
+    resources: ["pods"]
+    verbs: ["get"]
+  # Only while draining: is an EndpointSlice still routing to the pod?
+  - apiGroups: ["discovery.k8s.io"]
+    resources: ["endpointslices"]
+    verbs: ["list", "watch"]
+  # The drain's Events on the Pod (patch: a repeated Event is a series).
+  - apiGroups: ["events.k8s.io"]
+    resources: ["events"]
+    verbs: ["create", "patch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: {{ .name }}-drain
+  namespace: {{ .namespace }}
+  {{- with .labels }}
+  labels:
+    {{- . | nindent 4 }}
+  {{- end }}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: {{ .name }}-drain
+subjects:
+  - kind: ServiceAccount
+    name: {{ .name }}
+    namespace: {{ .namespace }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart-internal: the ServiceAccount of this chart's own pods:
+serviceAccount.name, else the fullname when the chart creates it, else
+"default".
+*/}}
+{{- define "lameduck.serviceAccountName" -}}
+{{- if .Values.serviceAccount.name -}}
+{{- .Values.serviceAccount.name -}}
+{{- else if .Values.serviceAccount.create -}}
+{{- include "lameduck.fullname" . -}}
+{{- else -}}
+default
+{{- end -}}
 {{- end }}
 
 {{/*
