@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Validate lameduck's Kubernetes material without a cluster:
-#   - deploy/*.yaml (plain manifests),
+#   - deploy/*.yaml (plain manifests, deploy/rbac.yaml included),
 #   - charts/lameduck (helm lint; helm template as a native sidecar, as a
 #     regular container, with the PodMonitor; the render-time guards),
 #   - deploy/testdata/consumer-chart (another chart using lameduck.sidecar).
 # Every rendered manifest goes through deploy/kubecheck: strict decoding into
 # the API types, the API server's create-time validation, the Pod Security
 # "restricted" checks, and lameduck's own wiring rules (drain hooks, probes,
-# ports, grace period, hardening). Given a lameduck binary (LAMEDUCK_BIN, or
+# ports, grace period, pod identity, the ServiceAccount token against the
+# RBAC, hardening). Given a lameduck binary (LAMEDUCK_BIN, or
 # target/{release,debug}/lameduck), the rendered pods' deletion is replayed
 # against it on loopback. The Dockerfile gets hadolint.
 #
@@ -40,32 +41,13 @@ command -v go >/dev/null 2>&1 || die "go is not installed (needed to build helm 
 mkdir -p "$TOOLS"
 
 # --- helm ---------------------------------------------------------------------
-# Built from the Go module proxy. The -X flags are those of helm's own
-# Makefile: without them a `go install`ed helm assumes Kubernetes v1.20 when
-# no cluster is given, while release binaries assume their client-go version.
-if [[ -z "${HELM:-}" ]]; then
-  HELM="$TOOLS/helm-$HELM_VERSION"
-  if [[ ! -x "$HELM" ]]; then
-    step "building helm $HELM_VERSION into $TOOLS (once; a few minutes on 2 cores)"
-    gomod="$(cd "$WORK" && GOFLAGS=-mod=mod go mod download -json "helm.sh/helm/v3@$HELM_VERSION" \
-      | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
-    [[ -n "$gomod" && -f "$gomod" ]] || die "could not fetch helm.sh/helm/v3@$HELM_VERSION"
-    kver="$(awk '$1 == "k8s.io/client-go" { print $2; exit }' "$gomod")"   # e.g. v0.37.0
-    kminor="$(echo "$kver" | cut -d. -f2)"
-    ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
-    for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
-      ld="$ld -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$kminor"
-    done
-    (cd "$WORK" && GOBIN="$WORK/bin" nice go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION") \
-      || die "building helm failed"
-    mv "$WORK/bin/helm" "$HELM"
-  fi
-fi
-"$HELM" version --short >/dev/null || die "$HELM does not run"
+# deploy/tools.sh builds it once from the Go module proxy (the same helm the
+# Rust tests render the chart with, tests/k8s_manifests.rs) and prints its path.
+HELM="$(HELM_VERSION="$HELM_VERSION" bash "$HERE/tools.sh" helm)" || die "no helm (deploy/tools.sh helm)"
 
 # --- kubecheck ----------------------------------------------------------------
 # Rebuilt whenever its sources change (the hash is in the file name).
-src_hash="$(cat "$HERE/kubecheck/go.mod" "$HERE/kubecheck/go.sum" "$HERE/kubecheck/main.go" | sha256sum | cut -c1-12)"
+src_hash="$(cat "$HERE/kubecheck/go.mod" "$HERE/kubecheck/go.sum" "$HERE"/kubecheck/*.go | sha256sum | cut -c1-12)"
 KUBECHECK="$TOOLS/kubecheck-$src_hash"
 if [[ ! -x "$KUBECHECK" ]]; then
   step "building deploy/kubecheck into $TOOLS (once per change of its sources)"
@@ -96,8 +78,8 @@ render() {
   "$KUBECHECK" -mode "$mode" "$WORK/$name.yaml" || die "kubecheck on the $name render"
 }
 
-step "plain manifests: deploy/example-app.yaml, deploy/podmonitor.yaml"
-"$KUBECHECK" -mode native "$HERE/example-app.yaml" "$HERE/podmonitor.yaml" || die "kubecheck on deploy/"
+step "plain manifests: deploy/rbac.yaml, deploy/example-app.yaml, deploy/podmonitor.yaml"
+"$KUBECHECK" -mode native "$HERE/rbac.yaml" "$HERE/example-app.yaml" "$HERE/podmonitor.yaml" || die "kubecheck on deploy/"
 
 step "helm lint"
 "$HELM" lint --strict "$CHART" --kube-version "$KUBE_VERSION" || die "helm lint (native)"
@@ -107,6 +89,19 @@ step "helm lint"
 step "helm template + kubecheck"
 render native native --kube-version "$KUBE_VERSION"
 render regular regular --kube-version "$OLD_KUBE_VERSION" --set nativeSidecar=false
+for kind in ServiceAccount Role RoleBinding; do
+  grep -q "^kind: $kind\$" "$WORK/native.yaml" || die "the default render has no $kind"
+done
+grep -q -- '--deadline-margin=1s$' "$WORK/native.yaml" || die "native sidecar: --deadline-margin not 1s"
+grep -q -- '--deadline-margin=5s$' "$WORK/regular.yaml" || die "regular container: --deadline-margin not appShutdownSeconds (5s)"
+grep -q 'serviceAccountName: native-lameduck$' "$WORK/native.yaml" || die "the pods do not run as the chart's ServiceAccount"
+"$HELM" template ns "$CHART" --kube-version "$KUBE_VERSION" --namespace shop >"$WORK/ns.yaml" || die "helm template --namespace shop"
+echo "-- helm template ns --namespace shop"
+"$KUBECHECK" -namespace shop "$WORK/ns.yaml" | grep 'API: ServiceAccount ns-lameduck' || die "kubecheck on the --namespace shop render"
+expect_fail "RBAC of namespace shop for pods in default" 'no such ServiceAccount in default' "$KUBECHECK" "$WORK/ns.yaml"
+render no-api native --kube-version "$KUBE_VERSION" \
+  --set serviceAccount.create=false --set rbac.create=false --set automountServiceAccountToken=false
+if grep -qE '^kind: (ServiceAccount|Role|RoleBinding)$' "$WORK/no-api.yaml"; then die "serviceAccount/rbac.create=false still rendered RBAC"; fi
 render monitored native --kube-version "$KUBE_VERSION" --set podMonitor.enabled=true \
   --set-string 'podAnnotations.prometheus\.io/scrape=true'
 grep -q '^kind: PodMonitor$' "$WORK/monitored.yaml" || die "podMonitor.enabled=true rendered no PodMonitor"
@@ -117,8 +112,14 @@ render tuned native --kube-version "$KUBE_VERSION" \
 grep -q 'terminationGracePeriodSeconds: 105$' "$WORK/tuned.yaml" || die "grace period not computed as 90 + 15"
 grep -q -- '--max-connections=1000000$' "$WORK/tuned.yaml" || die "--max-connections mangled"
 grep -q 'path: /drained?timeout=91s$' "$WORK/tuned.yaml" || die "app preStop timeout not drainTimeout + 1s"
+grep -q -- '--deadline-margin=1s$' "$WORK/tuned.yaml" || die "native sidecar: --deadline-margin not 1s whatever appShutdownSeconds"
 render explicit-grace regular --kube-version "$KUBE_VERSION" --set nativeSidecar=false --set terminationGracePeriodSeconds=45
 grep -q 'terminationGracePeriodSeconds: 45$' "$WORK/explicit-grace.yaml" || die "explicit grace period not used"
+render regular-tuned regular --kube-version "$KUBE_VERSION" --set nativeSidecar=false --set appShutdownSeconds=12 \
+  --set lameduck.kubernetes=on --set serviceAccount.name=shop-drain
+grep -q -- '--deadline-margin=12s$' "$WORK/regular-tuned.yaml" || die "regular container: --deadline-margin not appShutdownSeconds (12s)"
+grep -q -- '--kubernetes=on$' "$WORK/regular-tuned.yaml" || die "lameduck.kubernetes not rendered"
+grep -q 'serviceAccountName: shop-drain$' "$WORK/regular-tuned.yaml" || die "serviceAccount.name not used"
 render custom-app native --kube-version "$KUBE_VERSION" \
   --set app.image.repository=registry.example.com/shop --set app.image.tag=2.3.1 \
   --set app.port=3000 --set 'app.args={--port,3000}'
@@ -154,23 +155,51 @@ expect_fail "native sidecar on Kubernetes 1.28" "needs Kubernetes >= 1.29" \
   "$HELM" template g "$CHART" --kube-version 1.28.9
 expect_fail "empty image repository" "image.repository is empty" \
   "$HELM" template g "$CHART" --kube-version "$KUBE_VERSION" --set image.repository=
+expect_fail "unknown kubernetes mode" "must be auto, on or off" \
+  "$HELM" template g "$CHART" --kube-version "$KUBE_VERSION" --set lameduck.kubernetes=maybe
+expect_fail "deadline margin not below the grace period" "must be shorter than terminationGracePeriodSeconds" \
+  "$HELM" template g "$CHART" --kube-version "$KUBE_VERSION" --set lameduck.deadlineMargin=30s
 
 step "kubecheck refuses broken manifests (so its passes mean something)"
 mutate() { sed "$1" "$HERE/example-app.yaml" >"$WORK/mutated.yaml"; }
+mutate_rbac() { sed "$1" "$HERE/rbac.yaml" >"$WORK/mutated-rbac.yaml"; }
 mutate 's/terminationGracePeriodSeconds: 30/terminationGracePeriodSeconds: 20/'
-expect_fail "grace period below --drain-timeout" "must exceed --drain-timeout" "$KUBECHECK" "$WORK/mutated.yaml"
+expect_fail "grace period below --drain-timeout" "must exceed --drain-timeout" "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
 mutate 's/readOnlyRootFilesystem: true/readOnlyRootFilesytem: true/'
-expect_fail "misspelt field" 'unknown field' "$KUBECHECK" "$WORK/mutated.yaml"
+expect_fail "misspelt field" 'unknown field' "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
 mutate '/restartPolicy: Always/d'
-expect_fail "sidecar without restartPolicy: Always" "may not be set for init containers without restartPolicy=Always" "$KUBECHECK" "$WORK/mutated.yaml"
+expect_fail "sidecar without restartPolicy: Always" "may not be set for init containers without restartPolicy=Always" "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
 mutate 's#path: /drained?timeout=26s#path: /drained?timeout=10s#'
-expect_fail "app hook giving up before the drain deadline" "shorter than --drain-timeout" "$KUBECHECK" "$WORK/mutated.yaml"
+expect_fail "app hook giving up before the drain deadline" "shorter than --drain-timeout" "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
 mutate 's/targetPort: 8000/targetPort: 8080/'
-expect_fail "Service bypassing lameduck" "bypasses lameduck" "$KUBECHECK" "$WORK/mutated.yaml"
+expect_fail "Service bypassing lameduck" "bypasses lameduck" "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
 mutate 's/memory: 32Mi/memory: 32Mb/'
-expect_fail "bad quantity" "quantities must match" "$KUBECHECK" "$WORK/mutated.yaml"
+expect_fail "bad quantity" "quantities must match" "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
 mutate '0,/allowPrivilegeEscalation: false/s//allowPrivilegeEscalation: true/'
-expect_fail "privilege escalation allowed" 'violates Pod Security "restricted"' "$KUBECHECK" "$WORK/mutated.yaml"
+expect_fail "privilege escalation allowed" 'violates Pod Security "restricted"' "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
+mutate '/- name: POD_NAME$/,/fieldPath: metadata.name$/d'
+expect_fail "sidecar without POD_NAME" "has no env POD_NAME" "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
+mutate 's/fieldPath: metadata.namespace/fieldPath: spec.nodeName/'
+expect_fail "POD_NAMESPACE from the wrong field" 'env POD_NAMESPACE: fieldRef.fieldPath "spec.nodeName"' "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
+expect_fail "token mounted without deploy/rbac.yaml" 'no such ServiceAccount' "$KUBECHECK" "$HERE/example-app.yaml"
+mutate '/serviceAccountName: lameduck/d'
+expect_fail "token of the default ServiceAccount" "default ServiceAccount is mounted" "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
+mutate 's/- --kubernetes=auto/- --kubernetes=off/'
+expect_fail "token mounted but --kubernetes=off" "nothing uses it" "$KUBECHECK" "$HERE/rbac.yaml" "$WORK/mutated.yaml"
+mutate_rbac 's/verbs: \["get"\]/verbs: ["get", "list", "delete"]/'
+expect_fail "Role granting more than lameduck uses" "grants more than lameduck uses: /pods delete, /pods list" \
+  "$KUBECHECK" "$WORK/mutated-rbac.yaml" "$HERE/example-app.yaml"
+mutate_rbac 's/verbs: \["create", "patch"\]/verbs: ["create"]/'
+expect_fail "Role without patch events" "lacks events.k8s.io/events patch" "$KUBECHECK" "$WORK/mutated-rbac.yaml" "$HERE/example-app.yaml"
+mutate_rbac 's/    namespace: default/    namespace: elsewhere/'
+expect_fail "RoleBinding for another namespace's ServiceAccount" 'no RoleBinding in default binds ServiceAccount "lameduck"' \
+  "$KUBECHECK" "$WORK/mutated-rbac.yaml" "$HERE/example-app.yaml"
+sed 's/kind: Role$/kind: ClusterRole/' "$HERE/rbac.yaml" >"$WORK/mutated-rbac.yaml"
+expect_fail "a ClusterRole" 'unexpected object rbac.authorization.k8s.io/v1 "ClusterRole"' "$KUBECHECK" "$WORK/mutated-rbac.yaml" "$HERE/example-app.yaml"
+"$HELM" template r "$CHART" --kube-version "$KUBE_VERSION" --set nativeSidecar=false --set lameduck.deadlineMargin=500ms >"$WORK/mutated.yaml"
+expect_fail "regular container with a sub-second deadline margin" "gets only this long before SIGKILL" "$KUBECHECK" "$WORK/mutated.yaml"
+"$HELM" template r "$CHART" --kube-version "$KUBE_VERSION" --set rbac.create=false >"$WORK/mutated.yaml"
+expect_fail "chart: token mounted, rbac.create=false" 'no RoleBinding in default binds ServiceAccount "r-lameduck"' "$KUBECHECK" "$WORK/mutated.yaml"
 
 step "consumer chart (deploy/testdata/consumer-chart) using lameduck.sidecar"
 mkdir -p "$WORK/consumer/charts"
@@ -196,7 +225,7 @@ for candidate in "$ROOT/target/release/lameduck" "$ROOT/target/debug/lameduck"; 
 done
 if [[ -n "$BIN" ]]; then
   echo "binary: $BIN"
-  "$KUBECHECK" -rehearse "$BIN" -mode native "$HERE/example-app.yaml" | grep rehearsed || die "rehearsal of deploy/example-app.yaml"
+  "$KUBECHECK" -rehearse "$BIN" -mode native "$HERE/rbac.yaml" "$HERE/example-app.yaml" | grep rehearsed || die "rehearsal of deploy/example-app.yaml"
   for name in native regular; do
     "$KUBECHECK" -rehearse "$BIN" "$WORK/$name.yaml" | grep rehearsed || die "rehearsal of the $name render"
   done
