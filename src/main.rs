@@ -47,6 +47,10 @@ fn main() -> ExitCode {
         // The helpers are light: one thread is plenty.
         Some(Command::DemoApp(_) | Command::Drain(_)) => 1,
     };
+    // One TLS crypto provider for every part that uses rustls (the
+    // Kubernetes client today), chosen here rather than by whichever
+    // dependency asks first. Err only means one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match runtime_builder(worker_threads).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => return fail(EXIT_FAILURE, format!("cannot start the async runtime: {e}")),
