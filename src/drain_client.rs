@@ -29,12 +29,24 @@ pub enum DrainClientError {
     TimedOut(String),
 }
 
+/// The connection of a finished exchange, kept open for as long as the value
+/// lives: lameduck waits for its `/drained` clients to close before it exits,
+/// so the hook that waited must close it as late as it can (at process exit),
+/// not before printing its answer.
+pub struct OpenConnection(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn call(
     addr: SocketAddr,
     method: Method,
     path: &str,
     limit: Duration,
-) -> Result<(StatusCode, String), DrainClientError> {
+) -> Result<(StatusCode, String, OpenConnection), DrainClientError> {
     let unreachable = |reason: String| DrainClientError::Unreachable { addr, reason };
     let exchange = async {
         let stream = TcpStream::connect(addr)
@@ -43,7 +55,7 @@ async fn call(
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let driver = tokio::spawn(conn);
+        let driver = OpenConnection(tokio::spawn(conn));
         let req = Request::builder()
             .method(method.clone())
             .uri(path)
@@ -61,16 +73,16 @@ async fn call(
             .await
             .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
             .unwrap_or_default();
-        driver.abort();
-        Ok((status, body))
+        Ok((status, body, driver))
     };
     timeout(limit, exchange)
         .await
         .map_err(|_| DrainClientError::TimedOut(format!("{method} {path} on {addr}")))?
 }
 
-/// Returns what to print on success.
-pub async fn run(args: DrainArgs) -> Result<String, DrainClientError> {
+/// Returns what to print on success, and the `/drained` connection to close
+/// only after printing it (see [`OpenConnection`]).
+pub async fn run(args: DrainArgs) -> Result<(String, Option<OpenConnection>), DrainClientError> {
     let refused = |method: Method, path: &str, status, body| DrainClientError::Refused {
         method,
         path: path.to_owned(),
@@ -78,16 +90,17 @@ pub async fn run(args: DrainArgs) -> Result<String, DrainClientError> {
         status,
         body,
     };
-    let (status, body) = call(args.admin, Method::POST, "/drain", Duration::from_secs(5)).await?;
+    let (status, body, _) =
+        call(args.admin, Method::POST, "/drain", Duration::from_secs(5)).await?;
     // 200: it had already drained; --wait then returns its summary at once.
     if status != StatusCode::ACCEPTED && status != StatusCode::OK {
         return Err(refused(Method::POST, "/drain", status, body));
     }
     if !args.wait {
-        return Ok(format!("drain started on {}", args.admin));
+        return Ok((format!("drain started on {}", args.admin), None));
     }
     let path = format!("/drained?timeout={}ms", args.timeout.as_millis());
-    let (status, body) = call(
+    let (status, body, connection) = call(
         args.admin,
         Method::GET,
         &path,
@@ -97,5 +110,5 @@ pub async fn run(args: DrainArgs) -> Result<String, DrainClientError> {
     if status != StatusCode::OK {
         return Err(refused(Method::GET, &path, status, body));
     }
-    Ok(body)
+    Ok((body, Some(connection)))
 }

@@ -61,8 +61,10 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => runtime.block_on(run_demo(args)),
         Some(Command::DemoApp(args)) => runtime.block_on(run_demo_app(args.listen)),
         Some(Command::Drain(args)) => match runtime.block_on(drain_client::run(args)) {
-            Ok(output) => {
+            Ok((output, connection)) => {
                 println!("{output}");
+                // Closed by the process exit, after the answer is out.
+                drop(connection);
                 ExitCode::SUCCESS
             }
             Err(e) => fail(EXIT_FAILURE, e),

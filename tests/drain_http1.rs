@@ -414,3 +414,56 @@ async fn summary_line_has_all_fields_and_counts_requests_served_during_the_drain
         "summary comes after `drained`"
     );
 }
+
+/// The native sidecar's preStop hook is `lameduck drain --wait` inside the
+/// container. With `--metrics-linger 0s` lameduck exits the moment the drain
+/// completes, and when a container's first process exits the kernel kills
+/// everything else in it: a hook that has its answer but has not exited yet
+/// dies with exit 137 (the kubelet reports FailedPreStopHook). So lameduck
+/// waits (up to 1 s) for its `/drained` clients to close their connections,
+/// and `lameduck drain --wait` closes its connection only at its own exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lameduck_outlives_a_drained_client_that_has_its_answer() {
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "200ms", "--metrics-linger", "0s"]).await;
+    let mut hook = RawConn::connect(ld.admin_addr()).await;
+    hook.send_raw(b"GET /drained?timeout=10s HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(post(ld.admin_addr(), "/drain").await.0, 202);
+    let answer = hook.read_response().await.expect("/drained answered");
+    assert_eq!(answer.status, 200);
+    // The hook, between its answer and its exit.
+    tokio::time::sleep(ms(400)).await;
+    assert!(
+        ld.is_running(),
+        "lameduck exited before its /drained client closed"
+    );
+    let closed = Instant::now();
+    drop(hook);
+    assert_eq!(ld.wait_exit(secs(5)).await.code(), Some(0));
+    assert!(
+        closed.elapsed() < ms(800),
+        "exit {:?} after the client closed",
+        closed.elapsed()
+    );
+}
+
+/// The real hook process: it has exited by the time lameduck has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_hook_exits_before_lameduck_even_without_linger() {
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "200ms", "--metrics-linger", "0s"]).await;
+    let admin = ld.admin_addr().to_string();
+    let mut hook = base_command()
+        .args(["drain", "--admin", &admin, "--wait"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(ld.wait_exit(secs(10)).await.code(), Some(0));
+    let hook_status = hook.try_wait().unwrap();
+    assert!(
+        hook_status.is_some_and(|s| s.success()),
+        "lameduck exited while its drain hook was still running: {hook_status:?}"
+    );
+}

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,9 +45,17 @@ const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 struct AdminState {
     lifecycle: Arc<DrainState>,
     events: mpsc::Sender<Event>,
+    /// Open connections that have asked `GET /drained`: the preStop hooks
+    /// waiting on the drain. The admin server's shutdown waits for them to
+    /// close first, so that lameduck exiting (and the container with it) never
+    /// kills a hook that got its answer but has not exited yet (the kubelet
+    /// would report `FailedPreStopHook`, exit 137).
+    drained_clients: AtomicUsize,
+    drained_clients_gone: Notify,
 }
 
 pub struct AdminServer {
+    state: Arc<AdminState>,
     shutdown: CancellationToken,
     accept_loop: tokio::task::JoinHandle<()>,
     connections: TaskTracker,
@@ -58,24 +67,46 @@ impl AdminServer {
         lifecycle: Arc<DrainState>,
         events: mpsc::Sender<Event>,
     ) -> Self {
-        let state = Arc::new(AdminState { lifecycle, events });
+        let state = Arc::new(AdminState {
+            lifecycle,
+            events,
+            drained_clients: AtomicUsize::new(0),
+            drained_clients_gone: Notify::new(),
+        });
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
         let accept_loop = tokio::spawn(accept(
             listener,
-            state,
+            state.clone(),
             shutdown.clone(),
             connections.clone(),
         ));
         AdminServer {
+            state,
             shutdown,
             accept_loop,
             connections,
         }
     }
 
-    /// Stops accepting, finishes the requests being answered, bounded.
+    /// Lets the `/drained` clients close their connections (bounded), then
+    /// stops accepting and finishes the requests being answered, bounded.
     pub async fn shutdown(self, wait_at_most: Duration) {
+        let state = &self.state;
+        let hooks_gone = async {
+            loop {
+                let gone = state.drained_clients_gone.notified();
+                tokio::pin!(gone);
+                gone.as_mut().enable();
+                if state.drained_clients.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                gone.await;
+            }
+        };
+        if timeout(wait_at_most, hooks_gone).await.is_err() {
+            tracing::debug!("a /drained client kept its connection open at exit");
+        }
         self.shutdown.cancel();
         let _ = self.accept_loop.await;
         self.connections.close();
@@ -118,8 +149,15 @@ async fn accept(
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let _slots = (slot, peer_slot);
-            let service = service_fn(move |req| {
+            let hook = Arc::new(DrainedClient {
+                state: state.clone(),
+                marked: AtomicBool::new(false),
+            });
+            let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
+                if req.uri().path() == "/drained" {
+                    hook.mark();
+                }
                 async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
             });
             let conn = http1::Builder::new()
@@ -135,6 +173,31 @@ async fn accept(
                 }
             }
         });
+    }
+}
+
+/// An admin connection that has asked `GET /drained`: counted in
+/// `AdminState::drained_clients` from then until it closes.
+struct DrainedClient {
+    state: Arc<AdminState>,
+    marked: AtomicBool,
+}
+
+impl DrainedClient {
+    fn mark(&self) {
+        if !self.marked.swap(true, Ordering::AcqRel) {
+            self.state.drained_clients.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for DrainedClient {
+    fn drop(&mut self) {
+        if self.marked.load(Ordering::Acquire)
+            && self.state.drained_clients.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            self.state.drained_clients_gone.notify_waiters();
+        }
     }
 }
 
