@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh Debian/Ubuntu machine with Rust:
 # installs the real components the tests drive (HAProxy, Prometheus and
-# promtool) when they are missing, then runs every test target and validates
-# the Helm chart and manifests.
+# promtool, openssl, Python's h11) when they are missing, builds the pinned
+# Kubernetes control plane once (cached), then runs every test target and
+# validates the Helm chart and manifests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +17,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing test dependencies: ${missing[*]}"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Wait for another apt/dpkg (unattended upgrades, a parallel job) rather than fail.
+  apt=(-o DPkg::Lock::Timeout=600)
+  $sudo apt-get "${apt[@]}" update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 export PATH="$PATH:/usr/sbin"
 # The strict app behind lameduck in tests/smuggling.rs parses with h11 (pure Python).
