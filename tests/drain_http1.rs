@@ -467,3 +467,23 @@ async fn the_drain_hook_exits_before_lameduck_even_without_linger() {
         "lameduck exited while its drain hook was still running: {hook_status:?}"
     );
 }
+
+/// The deadline counts from the start of the drain, not from start-up: a
+/// process that has served longer than --drain-timeout still drains gracefully.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_long_after_start_up_gets_its_whole_deadline() {
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "300ms", "--drain-timeout", "1s"]).await;
+    tokio::time::sleep(ms(1500)).await;
+    let proxy = ld.proxy_addr();
+    let slow = tokio::spawn(async move { get(proxy, "/slow?ms=600").await });
+    tokio::time::sleep(ms(100)).await;
+    ld.signal(Signal::SIGTERM);
+    assert_eq!(slow.await.unwrap().0, 200);
+    assert_eq!(
+        ld.wait_exit(secs(5)).await.code(),
+        Some(0),
+        "{:?}",
+        ld.stderr_lines()
+    );
+}

@@ -144,6 +144,7 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
         events,
         logs,
         force_on_signal: false,
+        // Set when the drain starts.
         deadline: Instant::now() + config.drain_timeout,
         deadline_source: DeadlineSource::DrainTimeout,
         kube_connect: Some(kube_connect),
@@ -277,6 +278,8 @@ impl<'a> Driver<'a> {
         lifecycle.begin_drain();
         let started = SystemTime::now();
         let delay_end = Instant::now() + self.config.drain_delay;
+        // Until the facts are in (bounded by the API timeout), the fallback.
+        self.deadline = Instant::now() + self.config.drain_timeout;
         let facts = match self.pod_facts().await {
             Ok(facts) => facts,
             Err(outcome) => return self.force(outcome).await,
