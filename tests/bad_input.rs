@@ -119,6 +119,8 @@ async fn headers_trickled_one_byte_per_200ms_are_cut_at_the_header_read_timeout(
         app.last_request("/trickle").is_none(),
         "nothing reached the app"
     );
+    let header_read = "lameduck_timeouts_total{kind=\"header_read\"}";
+    assert_eq!(metric(ld.admin_addr(), header_read).await, 1.0);
     drop(c);
     assert_still_healthy(&ld).await;
 }
@@ -215,6 +217,10 @@ async fn idle_keepalive_connection_is_closed_after_the_idle_timeout() {
         "idle close with --idle-timeout 1s",
     );
     wait_no_active_connections(ld.admin_addr(), secs(3)).await;
+    assert_eq!(
+        metric(ld.admin_addr(), "lameduck_timeouts_total{kind=\"idle\"}").await,
+        1.0
+    );
     assert_still_healthy(&ld).await;
 }
 

@@ -71,6 +71,7 @@ pub async fn serve_connection(
         }
         Err(_) => {
             tracing::debug!(%peer, "no request within the header-read timeout");
+            ctx.lifecycle.metrics.timed_out(TimeoutKind::HeaderRead);
             return;
         }
     };
@@ -176,10 +177,12 @@ async fn drive<C>(
                 match activity.verdict(header_timeout, idle_timeout, track_heads) {
                     TimerVerdict::HeadTimedOut => {
                         tracing::debug!("request head not received within the header-read timeout");
+                        ctx.lifecycle.metrics.timed_out(TimeoutKind::HeaderRead);
                         return;
                     }
                     TimerVerdict::Idle => {
                         if !shutting_down {
+                            ctx.lifecycle.metrics.timed_out(TimeoutKind::Idle);
                             conn.as_mut().graceful_shutdown();
                             shutting_down = true;
                         }

@@ -163,7 +163,14 @@ impl<'a> Connection<'a> {
         tokio::select! {
             biased;
             () = stop.cancelled() => false,
-            read = timeout(limit, first_bytes) => matches!(read, Ok(Ok(n)) if n > 0),
+            read = timeout(limit, first_bytes) => match read {
+                Ok(Ok(n)) => n > 0,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    self.shared.ctx.lifecycle.metrics.timed_out(TimeoutKind::Idle);
+                    false
+                }
+            },
         }
     }
 
@@ -190,6 +197,7 @@ impl<'a> Connection<'a> {
                 Ok(Ok(_)) => {}
                 Err(_) => {
                     tracing::debug!("request head not received within the header-read timeout");
+                    ctx.lifecycle.metrics.timed_out(TimeoutKind::HeaderRead);
                     return None;
                 }
             }
