@@ -13,6 +13,7 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(hapr
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
 # The Kubernetes harness (tests/k8s) makes its certificates with openssl.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v umoci >/dev/null 2>&1 || missing+=(umoci) # tests/image.rs: scripts/image.sh builds the OCI image with it
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing test dependencies: ${missing[*]}"
   sudo=""
