@@ -124,6 +124,19 @@ impl Scenario {
         Scenario { cp, app, ld }
     }
 
+    /// The Pod Ready and serving in its slice, with no readiness mirror: the
+    /// API keeps it Ready whatever lameduck's `/ready` says.
+    async fn ready_without_a_kubelet(drain_delay: &str) -> Scenario {
+        let s = Scenario::start(Setup {
+            drain_delay,
+            ..Setup::default()
+        })
+        .await;
+        s.cp.set_pod_ready(NS, POD, true).await;
+        s.wait_serving_endpoint().await;
+        s
+    }
+
     /// What the kubelet's readiness probe does: `/ready` into the Pod's Ready
     /// condition, until lameduck exits. Returns when the Pod shows Ready.
     fn mirror_readiness(&self) -> tokio::task::JoinHandle<()> {
@@ -397,13 +410,7 @@ async fn drained_from_the_admin_port_the_deadline_comes_from_the_grace_period() 
 async fn the_window_ends_at_the_delay_when_the_slice_never_changes() {
     // No readiness mirror: the API keeps the pod Ready, as a kubelet that
     // never probes again would.
-    let mut s = Scenario::start(Setup {
-        drain_delay: "3s",
-        ..Setup::default()
-    })
-    .await;
-    s.cp.set_pod_ready(NS, POD, true).await;
-    s.wait_serving_endpoint().await;
+    let mut s = Scenario::ready_without_a_kubelet("3s").await;
     let started = Instant::now();
     s.ld.signal(Signal::SIGTERM);
     let exit = s.ld.wait_exit(secs(10)).await;
@@ -522,13 +529,7 @@ async fn the_rbac_of_deploy_is_enough_and_without_events_the_drain_still_complet
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_stopping_mid_drain_leaves_the_fixed_window() {
-    let mut s = Scenario::start(Setup {
-        drain_delay: "4s",
-        ..Setup::default()
-    })
-    .await;
-    s.cp.set_pod_ready(NS, POD, true).await;
-    s.wait_serving_endpoint().await;
+    let mut s = Scenario::ready_without_a_kubelet("4s").await;
     let started = Instant::now();
     s.ld.signal(Signal::SIGTERM);
     // Once the watch is up, the API server goes away.
