@@ -16,9 +16,9 @@
 #   oci/                 the OCI image layout (tag <version>)
 #   lameduck-<version>.tar
 #
-# Cached: the binary is rebuilt only when a file under src/, Cargo.toml or
-# Cargo.lock is newer than it, and the image only when the binary, the
-# version, the revision or this script changed. Concurrent runs serialise on
+# Cached: the binary is rebuilt only when the content of src/, Cargo.toml or
+# Cargo.lock (or the toolchain) changed, and the image only when the binary,
+# the version, the revision or this script changed. Concurrent runs serialise on
 # a flock. Installs umoci (and file) with apt-get when missing.
 #
 # The Dockerfile builds the same entrypoint/user/ports on a distroless
@@ -91,19 +91,32 @@ rm -rf "$OUT"/.work.*
 
 # ---------------------------------------------------------------------------
 # 1. The static binary.
-stale_inputs() {
-  [[ ! -x "$BIN" ]] && return 0
-  [[ -n "$(find src Cargo.toml Cargo.lock -newer "$BIN" -print -quit)" ]]
-}
-if stale_inputs; then
+# The cache key is the content of what the binary is built from (src/,
+# Cargo.toml, Cargo.lock) and the toolchain, not mtimes: CI's fresh clone and
+# a developer's tree share this cache on one machine, and a binary built from
+# one checkout is newer than the other's unsaved edits.
+SOURCE_KEY="$({
+  find src Cargo.toml Cargo.lock -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+  rustc -vV
+  echo "RUSTFLAGS=-C target-feature=+crt-static --target $TARGET"
+} | sha256sum | cut -d' ' -f1)"
+BIN_KEY="$OUT/.binary-source"
+if [[ -x "$BIN" && -f "$BIN_KEY" && "$(cat "$BIN_KEY")" == "$SOURCE_KEY" ]]; then
+  :
+else
+  rm -f "$BIN_KEY"
   log "building the static binary (cargo build --release, +crt-static, $TARGET)"
   t0=$SECONDS
+  # cargo's own freshness check reads mtimes too, and the lameduck artifacts
+  # here may come from another checkout: drop them (dependencies stay).
+  if [[ -d "$OUT/target" ]]; then
+    cargo clean --quiet --release -p lameduck --target "$TARGET" --target-dir "$OUT/target" >&2
+  fi
   # --target keeps RUSTFLAGS away from build scripts and proc-macros (they
   # are built for the host and must stay dynamic).
   RUSTFLAGS="-C target-feature=+crt-static" nice -n 10 \
     cargo build --release --locked --bin lameduck --target "$TARGET" --target-dir "$OUT/target" >&2
-  # cargo leaves a fresh binary untouched; the mtime is what the cache reads.
-  touch "$BIN"
+  echo "$SOURCE_KEY" >"$BIN_KEY"
   log "static binary built in $((SECONDS - t0)) s"
 fi
 
