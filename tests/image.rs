@@ -315,6 +315,9 @@ fn the_layer_is_one_static_lameduck() {
         !has_interpreter(&elf),
         "/lameduck asks for a dynamic loader"
     );
+    // The check itself: cargo's own (dynamically linked) build has one.
+    let dynamic = std::fs::read(env!("CARGO_BIN_EXE_lameduck")).expect("read the test binary");
+    assert!(has_interpreter(&dynamic), "the ELF check misses PT_INTERP");
     let file = run(Command::new("file").arg("-b").arg(&bin)).stdout;
     let file = String::from_utf8_lossy(&file);
     assert!(
