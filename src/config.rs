@@ -99,6 +99,18 @@ pub enum LogFormat {
     Text,
 }
 
+impl LogFormat {
+    /// An explicit choice wins; otherwise text for a person at a terminal,
+    /// JSON for everything that collects logs.
+    pub fn resolve(explicit: Option<LogFormat>, stderr_is_terminal: bool) -> LogFormat {
+        explicit.unwrap_or(if stderr_is_terminal {
+            LogFormat::Text
+        } else {
+            LogFormat::Json
+        })
+    }
+}
+
 /// The proxy's flags. Each is also read from `LAMEDUCK_<FLAG>`.
 #[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
@@ -204,9 +216,10 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
 
-    /// Log format.
-    #[arg(long, env = "LAMEDUCK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
-    pub log_format: LogFormat,
+    /// Log format [default: text when stderr is a terminal, json otherwise
+    /// (containers, CI, log shippers)].
+    #[arg(long, env = "LAMEDUCK_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 
     /// Log filter (tracing EnvFilter syntax); RUST_LOG is used when this is not given.
     #[arg(long, env = "LAMEDUCK_LOG_LEVEL")]

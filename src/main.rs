@@ -6,6 +6,7 @@
 //! 3 drain deadline reached, connections closed forcibly;
 //! 4 a second signal forced the exit.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -13,7 +14,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use lameduck::config::{Cli, Command, Config, ProxyArgs};
+use lameduck::config::{Cli, Command, Config, LogFormat, ProxyArgs};
 use lameduck::{demo, drain_client, lifecycle, telemetry};
 
 const EXIT_FAILURE: u8 = 1;
@@ -87,7 +88,7 @@ fn runtime_builder(threads: usize) -> tokio::runtime::Builder {
 
 fn configure(args: ProxyArgs) -> Result<(Config, telemetry::LogReloader), ExitCode> {
     let logs = telemetry::init(
-        args.log_format,
+        LogFormat::resolve(args.log_format, std::io::stderr().is_terminal()),
         args.log_level.as_deref(),
         args.log_level_file.as_deref(),
     )

@@ -150,3 +150,26 @@ fn admin_address_in_use_exits_1_and_names_the_address() {
     assert_rejected(&out, 1, &[&addr]);
     drop(taken);
 }
+
+#[test]
+fn kubernetes_on_without_a_configuration_or_identity_fails_start_up_and_says_what_is_missing() {
+    // No kubeconfig, no in-cluster environment (base_command clears them).
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path().to_str().unwrap();
+    let out = run_bad(&["--kubernetes", "on"], &[("HOME", home)]);
+    assert_rejected(&out, 1, &["--kubernetes on", "no Kubernetes configuration"]);
+
+    // A kubeconfig, but no pod identity from the downward API.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(&kubeconfig, "apiVersion: v1\nkind: Config\n").unwrap();
+    let out = run_bad(
+        &["--kubernetes", "on"],
+        &[("HOME", home), ("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    assert_rejected(
+        &out,
+        1,
+        &["--kubernetes on", "POD_NAME is not set", "metadata.name"],
+    );
+}

@@ -172,3 +172,67 @@ fn text_log_format_writes_human_lines_not_json() {
         "--log-format text must not write JSON: {line}"
     );
 }
+
+/// Runs the proxy without `--log-format` for ~1 s and returns what it wrote;
+/// `terminal` puts its stderr on a pseudo-terminal (util-linux `script`).
+fn default_format_output(terminal: bool) -> String {
+    let closed = closed_port().to_string();
+    let proxy = [
+        BIN,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &closed,
+        "--drain-delay",
+        "0s",
+        "--metrics-linger",
+        "0s",
+    ];
+    // SIGTERM after 1 s: the proxy drains at once and exits 0.
+    let mut run = vec!["timeout", "--preserve-status", "-s", "TERM", "1"];
+    run.extend_from_slice(&proxy);
+    let mut cmd = if terminal {
+        let mut script = std::process::Command::new("script");
+        script.args(["-q", "-e", "-c", &run.join(" "), "/dev/null"]);
+        script
+    } else {
+        let mut direct = std::process::Command::new(run[0]);
+        direct.args(&run[1..]);
+        direct
+    };
+    for var in ["LAMEDUCK_LOG_FORMAT", "RUST_LOG"] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("run the proxy");
+    // `script` copies the terminal's output to its stdout.
+    let text =
+        String::from_utf8_lossy(if terminal { &out.stdout } else { &out.stderr }).to_string();
+    assert!(out.status.success(), "{:?}: {text}", out.status);
+    text
+}
+
+#[test]
+fn logs_default_to_json_when_stderr_is_not_a_terminal_and_to_text_when_it_is() {
+    let piped = default_format_output(false);
+    let listening = piped
+        .lines()
+        .find(|l| l.contains("listening"))
+        .expect("listening line");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(listening).is_ok(),
+        "{listening}"
+    );
+
+    let terminal = default_format_output(true);
+    let listening = terminal
+        .lines()
+        .find(|l| l.contains("listening"))
+        .unwrap_or_else(|| panic!("no listening line on the terminal: {terminal}"));
+    assert!(
+        serde_json::from_str::<serde_json::Value>(listening.trim()).is_err(),
+        "JSON on a terminal: {listening}"
+    );
+    assert!(listening.contains("INFO"), "{listening}");
+}

@@ -163,12 +163,12 @@ fn truncate_note(mut note: String) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
     #[error(
-        "--kube on: no Kubernetes configuration (neither KUBERNETES_SERVICE_HOST with a \
+        "no Kubernetes configuration (neither KUBERNETES_SERVICE_HOST with a \
          service-account token at {token} nor a kubeconfig in KUBECONFIG or ~/.kube/config)",
         token = SERVICE_ACCOUNT_TOKEN
     )]
     NoConfiguration,
-    #[error("--kube on: {var} is not set (expose it through the downward API: {field})")]
+    #[error("{var} is not set (expose it through the downward API: {field})")]
     MissingPodIdentity {
         var: &'static str,
         field: &'static str,
