@@ -71,8 +71,13 @@ pub fn check_request<'h>(
     }
 }
 
+/// The fields that decide where a message ends and which host it is for:
+/// never removed because `Connection` names them, never taken as trailers.
+pub const FRAMING_AND_ROUTING_FIELDS: [&[u8]; 3] =
+    [b"content-length", b"transfer-encoding", b"host"];
+
 fn names_framing_header(token: &[u8]) -> bool {
-    [&b"content-length"[..], b"transfer-encoding", b"host"]
+    FRAMING_AND_ROUTING_FIELDS
         .iter()
         .any(|name| token.eq_ignore_ascii_case(name))
 }

@@ -120,8 +120,9 @@ pub struct ChunkedScanner {
     trailer_name_len: u8,
 }
 
-/// Fields that RFC 9112 §7.1.2 keeps out of trailers for lameduck's purposes.
-const FORBIDDEN_TRAILERS: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
+/// Fields that RFC 9112 §7.1.2 keeps out of trailers for lameduck's purposes:
+/// the same ones `Connection` may not name (`crate::proxy::rules`).
+const FORBIDDEN_TRAILERS: [&[u8]; 3] = crate::proxy::rules::FRAMING_AND_ROUTING_FIELDS;
 
 impl ChunkedScanner {
     pub fn new() -> Self {
