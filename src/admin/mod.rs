@@ -27,7 +27,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::drain::{DrainState, Event, State};
+use crate::drain::{DrainState, Event, State, wait_for_zero};
 
 /// Admin connections served at once; more are closed at accept.
 const MAX_ADMIN_CONNECTIONS: usize = 512;
@@ -93,17 +93,7 @@ impl AdminServer {
     /// stops accepting and finishes the requests being answered, bounded.
     pub async fn shutdown(self, wait_at_most: Duration) {
         let state = &self.state;
-        let hooks_gone = async {
-            loop {
-                let gone = state.drained_clients_gone.notified();
-                tokio::pin!(gone);
-                gone.as_mut().enable();
-                if state.drained_clients.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                gone.await;
-            }
-        };
+        let hooks_gone = wait_for_zero(&state.drained_clients, &state.drained_clients_gone);
         if timeout(wait_at_most, hooks_gone).await.is_err() {
             tracing::debug!("a /drained client kept its connection open at exit");
         }

@@ -48,17 +48,23 @@ impl ConnectionTracker {
 
     /// Resolves once no connection is open.
     pub async fn wait_all_closed(&self) {
-        loop {
-            let notified = self.all_closed.notified();
-            tokio::pin!(notified);
-            // Register before checking, so a release between the check and the
-            // await cannot be missed.
-            notified.as_mut().enable();
-            if self.active() == 0 {
-                return;
-            }
-            notified.await;
+        wait_for_zero(&self.active, &self.all_closed).await;
+    }
+}
+
+/// Resolves once `count` is 0. Whoever brings it to 0 calls
+/// `zero.notify_waiters()`.
+pub async fn wait_for_zero(count: &AtomicUsize, zero: &Notify) {
+    loop {
+        let notified = zero.notified();
+        tokio::pin!(notified);
+        // Register before checking, so a decrement between the check and the
+        // await cannot be missed.
+        notified.as_mut().enable();
+        if count.load(Ordering::Acquire) == 0 {
+            return;
         }
+        notified.await;
     }
 }
 

@@ -7,7 +7,7 @@
 
 mod connections;
 
-pub use connections::{ConnectionGuard, ConnectionTracker};
+pub use connections::{ConnectionGuard, ConnectionTracker, wait_for_zero};
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
