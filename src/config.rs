@@ -83,16 +83,6 @@ pub struct KubeSettings {
     pub api_timeout: Duration,
 }
 
-impl KubeMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KubeMode::Auto => "auto",
-            KubeMode::On => "on",
-            KubeMode::Off => "off",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Json,
