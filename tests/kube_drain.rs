@@ -240,11 +240,20 @@ impl Scenario {
             .expect("window-over log line")
     }
 
-    fn deadline_log(&self) -> serde_json::Value {
-        self.ld
+    #[track_caller]
+    fn assert_window_reason(&self, reason: &str) {
+        let window = self.window_log();
+        assert_eq!(field_str(&window, "reason"), Some(reason), "{window}");
+    }
+
+    #[track_caller]
+    fn assert_deadline_source(&self, source: &str) {
+        let deadline = self
+            .ld
             .logs_with_message("drain deadline")
             .pop()
-            .expect("drain deadline log line")
+            .expect("drain deadline log line");
+        assert_eq!(field_str(&deadline, "source"), Some(source), "{deadline}");
     }
 }
 
@@ -290,20 +299,10 @@ async fn the_window_ends_when_the_endpointslice_stops_serving_and_every_step_is_
     // Well before the 20 s --drain-delay: readiness fails, the kubelet (here:
     // the mirror) marks the pod unready, the controller stops serving it.
     assert!(took < secs(8), "the drain took {took:?}");
-    let window = s.window_log();
-    assert_eq!(
-        field_str(&window, "reason"),
-        Some("endpoints_removed"),
-        "{window}"
-    );
+    s.assert_window_reason("endpoints_removed");
 
     // The deadline is the deletionTimestamp minus the 2 s default margin.
-    let deadline = s.deadline_log();
-    assert_eq!(
-        field_str(&deadline, "source"),
-        Some("deletion_timestamp"),
-        "{deadline}"
-    );
+    s.assert_deadline_source("deletion_timestamp");
 
     let events = s
         .wait_events(&["DrainStarted", "EndpointsRemoved", "DrainCompleted"])
@@ -355,12 +354,7 @@ async fn a_grace_period_shorter_than_the_spec_sets_the_deadline_and_what_is_left
         exited_at + secs(4) > deletion,
         "exited long before the deadline"
     );
-    let deadline = s.deadline_log();
-    assert_eq!(
-        field_str(&deadline, "source"),
-        Some("deletion_timestamp"),
-        "{deadline}"
-    );
+    s.assert_deadline_source("deletion_timestamp");
     let events = s.wait_events(&["DrainStarted", "DrainForced"]).await;
     let forced = events
         .iter()
@@ -420,7 +414,7 @@ async fn the_window_ends_at_the_delay_when_the_slice_never_changes() {
         took >= Duration::from_millis(2900) && took < secs(6),
         "{took:?}"
     );
-    assert_eq!(field_str(&s.window_log(), "reason"), Some("delay_elapsed"));
+    s.assert_window_reason("delay_elapsed");
     let events = s.wait_events(&["DrainStarted", "DrainCompleted"]).await;
     assert!(
         !events
@@ -441,7 +435,7 @@ async fn a_pod_in_no_service_waits_only_the_margin() {
     let exit = s.ld.wait_exit(secs(10)).await;
     assert_eq!(exit.code(), Some(0));
     assert!(started.elapsed() < secs(4), "{:?}", started.elapsed());
-    assert_eq!(field_str(&s.window_log(), "reason"), Some("no_endpoints"));
+    s.assert_window_reason("no_endpoints");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,10 +457,7 @@ async fn without_list_on_endpointslices_the_fixed_window_applies_and_says_why() 
         took >= Duration::from_millis(2900) && took < secs(6),
         "{took:?}"
     );
-    assert_eq!(
-        field_str(&s.window_log(), "reason"),
-        Some("api_unavailable")
-    );
+    s.assert_window_reason("api_unavailable");
     let warned = s.ld.logs().into_iter().any(|l| {
         message(&l).contains("EndpointSlices unreadable")
             && field_str(&l, "error").is_some_and(|e| e.contains("403") || e.contains("forbidden"))
@@ -512,10 +503,7 @@ async fn the_rbac_of_deploy_is_enough_and_without_events_the_drain_still_complet
     s.ld.signal(Signal::SIGTERM);
     let exit = s.ld.wait_exit(secs(15)).await;
     assert_eq!(exit.code(), Some(0));
-    assert_eq!(
-        field_str(&s.window_log(), "reason"),
-        Some("endpoints_removed")
-    );
+    s.assert_window_reason("endpoints_removed");
     assert!(s.events().await.is_empty());
     assert!(
         s.ld.logs_with_message("Kubernetes Event not published")
@@ -598,8 +586,5 @@ async fn an_unreachable_api_server_at_start_up_costs_nothing() {
         ),
         "{window}"
     );
-    assert_eq!(
-        field_str(&s.deadline_log(), "source"),
-        Some("drain_timeout")
-    );
+    s.assert_deadline_source("drain_timeout");
 }
