@@ -36,6 +36,8 @@ pub enum Command {
     DemoApp(DemoAppArgs),
     /// Ask a running lameduck to drain, through its admin port (for preStop hooks).
     Drain(DrainArgs),
+    /// Run the sidecar injector: a mutating admission webhook over HTTPS.
+    Inject(InjectArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -255,6 +257,105 @@ pub struct DrainArgs {
     /// How long --wait waits at most.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
+}
+
+/// `lameduck inject`'s flags: the webhook listener, its certificate, the
+/// sidecar settings, and the drain and logging flags it shares with the
+/// proxy (the injector is itself a Deployment that must roll without failing
+/// an admission).
+#[derive(Debug, Clone, Args)]
+pub struct InjectArgs {
+    /// Address of the HTTPS webhook listener (POST /mutate).
+    #[arg(long, env = "LAMEDUCK_LISTEN", default_value = "0.0.0.0:8443", value_parser = parse_socket_addr)]
+    pub listen: SocketAddr,
+
+    /// Address of the admin server (/ready, /live, /metrics, /drain, /drained, /status).
+    #[arg(long, env = "LAMEDUCK_ADMIN_LISTEN", default_value = "0.0.0.0:9901", value_parser = parse_socket_addr)]
+    pub admin_listen: SocketAddr,
+
+    /// PEM certificate chain of the webhook listener (reloaded when the file changes).
+    #[arg(long, env = "LAMEDUCK_TLS_CERT")]
+    pub tls_cert: PathBuf,
+
+    /// PEM private key of the webhook listener.
+    #[arg(long, env = "LAMEDUCK_TLS_KEY")]
+    pub tls_key: PathBuf,
+
+    /// JSON file with the sidecar's settings (the chart's `lameduck` values:
+    /// image, nativeSidecar, drainDelay, ...); missing keys take the chart's defaults.
+    #[arg(long, env = "LAMEDUCK_SIDECAR_CONFIG")]
+    pub sidecar_config: PathBuf,
+
+    /// Lame-duck window (see `lameduck run --help`).
+    #[arg(long, env = "LAMEDUCK_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+
+    /// Hard deadline from the start of the drain [default: from the pod, else 25s].
+    #[arg(long, env = "LAMEDUCK_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+
+    /// Use the Kubernetes API for the drain (auto | on | off).
+    #[arg(long, env = "LAMEDUCK_KUBERNETES", value_enum, default_value_t = KubeMode::Auto)]
+    pub kubernetes: KubeMode,
+
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// After the drain, keep answering /metrics this long (capped by the deadline).
+    #[arg(long, env = "LAMEDUCK_METRICS_LINGER", default_value = "5s", value_parser = parse_duration)]
+    pub metrics_linger: Duration,
+
+    /// Webhook connections above this number are closed at accept.
+    #[arg(long, env = "LAMEDUCK_MAX_CONNECTIONS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Log format [default: text on a terminal, json otherwise].
+    #[arg(long, env = "LAMEDUCK_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG when not given.
+    #[arg(long, env = "LAMEDUCK_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl InjectArgs {
+    /// The lifecycle's configuration for the webhook. The proxy-only fields
+    /// (upstream, mode, body and tunnel timeouts) keep the proxy's defaults
+    /// and are never read: the lifecycle builds no upstream for the webhook.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let proxy = ProxyArgs {
+            listen: self.listen,
+            upstream: "127.0.0.1:8080".to_owned(),
+            mode: Mode::Http,
+            upstream_protocol: UpstreamProtocol::Http1,
+            admin_listen: self.admin_listen,
+            drain_delay: self.drain_delay,
+            drain_timeout: self.drain_timeout,
+            kubernetes: self.kubernetes,
+            pod_name: self.pod_name,
+            pod_namespace: self.pod_namespace,
+            endpoint_propagation_margin: Duration::from_secs(2),
+            deadline_margin: Duration::from_secs(2),
+            kube_api_timeout: Duration::from_secs(2),
+            metrics_linger: self.metrics_linger,
+            max_connections: self.max_connections,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            tunnel_idle_timeout: Duration::from_secs(3600),
+            body_read_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(10),
+            upstream_connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(60),
+            log_format: self.log_format,
+            log_level: self.log_level,
+            log_level_file: None,
+            worker_threads: 1,
+        };
+        proxy.into_config()
+    }
 }
 
 /// The deadline when neither --drain-timeout nor the pod says otherwise.

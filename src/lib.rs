@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod drain;
 pub mod drain_client;
+pub mod inject;
 pub mod kube;
 pub mod lifecycle;
 pub mod metrics;

@@ -9,13 +9,14 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use lameduck::config::{Cli, Command, Config, LogFormat, ProxyArgs};
-use lameduck::{demo, drain_client, lifecycle, telemetry};
+use lameduck::config::{Cli, Command, Config, InjectArgs, LogFormat, ProxyArgs};
+use lameduck::{demo, drain_client, inject, lifecycle, telemetry};
 
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
         None => cli.proxy.resolved_worker_threads(),
         Some(Command::Run(args) | Command::Demo(args)) => args.resolved_worker_threads(),
         // The helpers are light: one thread is plenty.
-        Some(Command::DemoApp(_) | Command::Drain(_)) => 1,
+        Some(Command::DemoApp(_) | Command::Drain(_) | Command::Inject(_)) => 1,
     };
     // One TLS crypto provider for every part that uses rustls (the
     // Kubernetes client today), chosen here rather than by whichever
@@ -61,6 +62,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => runtime.block_on(run_proxy(args, None, |_| {})),
         Some(Command::Demo(args)) => runtime.block_on(run_demo(args)),
         Some(Command::DemoApp(args)) => runtime.block_on(run_demo_app(args.listen)),
+        Some(Command::Inject(args)) => runtime.block_on(run_inject(args)),
         Some(Command::Drain(args)) => match runtime.block_on(drain_client::run(args)) {
             Ok((output, connection)) => {
                 println!("{output}");
@@ -116,9 +118,56 @@ async fn run_proxy(
         Err(e) => return fail(EXIT_FAILURE, e),
     };
     before_serving(&bound);
-    let outcome = lifecycle::run(config, bound, logs).await;
+    let outcome = lifecycle::run(config, bound, logs, lifecycle::Service::Proxy).await;
     tracing::info!(exit_code = outcome.exit_code(), "exiting");
     ExitCode::from(outcome.exit_code())
+}
+
+async fn run_inject(args: InjectArgs) -> ExitCode {
+    let logs = match telemetry::init(
+        LogFormat::resolve(args.log_format, std::io::stderr().is_terminal()),
+        args.log_level.as_deref(),
+        None,
+    ) {
+        Ok(logs) => logs,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let settings = match inject::load_settings(&args.sidecar_config) {
+        Ok(settings) => settings,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let tls = match webhook_tls(&args) {
+        Ok(tls) => tls,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let bound = match lifecycle::bind_all(&config) {
+        Ok(bound) => bound,
+        Err(e) => return fail(EXIT_FAILURE, e),
+    };
+    let injector = Arc::new(inject::Injector::new(settings, tls));
+    let outcome = lifecycle::run(config, bound, logs, lifecycle::Service::Webhook(injector)).await;
+    tracing::info!(exit_code = outcome.exit_code(), "exiting");
+    ExitCode::from(outcome.exit_code())
+}
+
+fn webhook_tls(args: &InjectArgs) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&args.tls_cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("--tls-cert {}: {e}", args.tls_cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&args.tls_key)
+        .map_err(|e| format!("--tls-key {}: {e}", args.tls_key.display()))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 async fn run_demo(args: ProxyArgs) -> ExitCode {

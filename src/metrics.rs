@@ -454,6 +454,12 @@ impl Metrics {
         }
     }
 
+    /// For the parts only some commands run (the webhook's figures), which
+    /// register their own families before the metrics are shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The whole registry in OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);

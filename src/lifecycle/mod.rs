@@ -25,6 +25,7 @@ use deadline::{DeadlineFacts, drain_deadline};
 
 use crate::admin::AdminServer;
 use crate::config::Config;
+use crate::inject::{self, Injector};
 use crate::metrics::{DeadlineSource, Metrics, WindowEnd};
 use crate::proxy::{self, ProxyContext, upstream::Upstream};
 use crate::telemetry::{LogReloader, ReloadOutcome};
@@ -93,40 +94,78 @@ pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
     })
 }
 
+/// What the listener serves.
+pub enum Service {
+    /// The proxy, in front of the app (`--upstream`).
+    Proxy,
+    /// The sidecar injector's admission webhook; there is no app behind it.
+    Webhook(Arc<Injector>),
+}
+
 /// Runs lameduck until it has drained; returns how the drain ended.
-pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
+pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Service) -> Outcome {
     let (events_tx, events) = mpsc::channel(16);
     let signal_task = AbortOnDrop(tokio::spawn(bound.signals.forward(events_tx.clone())));
     let (proxy_listener, admin_listener) = (bound.proxy, bound.admin);
     let (proxy_addr, admin_addr) = (bound.proxy_addr, bound.admin_addr);
 
-    let lifecycle = Arc::new(DrainState::new(Metrics::new()));
-    let upstream = Upstream::new(&config);
-    tracing::info!(
-        proxy = %proxy_addr,
-        admin = %admin_addr,
-        mode = config.mode.as_str(),
-        upstream = %config.upstream_name,
-        drain_delay = ?config.drain_delay,
-        drain_timeout = ?config.drain_timeout,
-        "listening"
-    );
-    let admin = AdminServer::start(admin_listener, lifecycle.clone(), events_tx);
-
+    let mut metrics = Metrics::new();
+    if let Service::Webhook(injector) = &service {
+        injector.metrics.register(metrics.registry_mut());
+    }
+    let lifecycle = Arc::new(DrainState::new(metrics));
     let connections = TaskTracker::new();
-    let ctx = Arc::new(ProxyContext::new(
-        config.clone(),
-        lifecycle.clone(),
-        upstream.clone(),
-        connections.clone(),
-    ));
-    let accept_loop = tokio::spawn(proxy::serve(proxy_listener, ctx));
     let probe_stop = CancellationToken::new();
-    let probe = tokio::spawn(probe_upstream(
-        upstream.clone(),
-        lifecycle.clone(),
-        probe_stop.clone(),
-    ));
+    let (accept_loop, upstream, probe) = match service {
+        Service::Proxy => {
+            tracing::info!(
+                proxy = %proxy_addr,
+                admin = %admin_addr,
+                mode = config.mode.as_str(),
+                upstream = %config.upstream_name,
+                drain_delay = ?config.drain_delay,
+                drain_timeout = ?config.drain_timeout,
+                "listening"
+            );
+            let upstream = Upstream::new(&config);
+            let ctx = Arc::new(ProxyContext::new(
+                config.clone(),
+                lifecycle.clone(),
+                upstream.clone(),
+                connections.clone(),
+            ));
+            let accept_loop = tokio::spawn(proxy::serve(proxy_listener, ctx));
+            let probe = tokio::spawn(probe_upstream(
+                upstream.clone(),
+                lifecycle.clone(),
+                probe_stop.clone(),
+            ));
+            (accept_loop, Some(upstream), Some(probe))
+        }
+        Service::Webhook(injector) => {
+            tracing::info!(
+                webhook = %proxy_addr,
+                admin = %admin_addr,
+                drain_delay = ?config.drain_delay,
+                drain_timeout = ?config.drain_timeout,
+                "listening"
+            );
+            let ctx = Arc::new(inject::server::WebhookContext {
+                lifecycle: lifecycle.clone(),
+                injector,
+                tasks: connections.clone(),
+                max_connections: config.max_connections as usize,
+            });
+            // Nothing behind the webhook to wait for: ready once it listens.
+            lifecycle.set_upstream_up(true);
+            (
+                tokio::spawn(inject::server::serve(proxy_listener, ctx)),
+                None,
+                None,
+            )
+        }
+    };
+    let admin = AdminServer::start(admin_listener, lifecycle.clone(), events_tx);
     // Facts, never control: the API client connects in the background (the
     // proxy serves meanwhile) and is consulted when the drain starts.
     let kube_connect = {
@@ -162,8 +201,12 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
     }
     let _ = accept_loop.await;
     probe_stop.cancel();
-    let _ = probe.await;
-    upstream.close(CLOSE_GRACE).await;
+    if let Some(probe) = probe {
+        let _ = probe.await;
+    }
+    if let Some(upstream) = upstream {
+        upstream.close(CLOSE_GRACE).await;
+    }
 
     let summary = lifecycle.finish_drain(outcome);
     tracing::info!(
