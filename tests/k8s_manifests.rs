@@ -12,9 +12,8 @@
 #[path = "k8s/mod.rs"]
 mod k8s;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use k8s::{ControlPlane, K8S_VERSION, WAIT, wait_until};
@@ -34,37 +33,10 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// helm, from `deploy/tools.sh helm` (which builds it once, cached, when it
-/// is missing; HELM=/path overrides).
-fn helm() -> &'static Path {
-    static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(repo().join("deploy/tools.sh"))
-            .arg("helm")
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run deploy/tools.sh");
-        assert!(
-            out.status.success(),
-            "deploy/tools.sh helm failed ({})",
-            out.status
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let path = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
-        assert!(
-            path.is_file(),
-            "deploy/tools.sh helm printed {stdout:?}, not helm's path"
-        );
-        path
-    })
-}
-
 /// `helm template <release> charts/lameduck --namespace <ns>` for the
 /// control plane's Kubernetes version, plus `args`.
 fn helm_template(release: &str, namespace: &str, args: &[&str]) -> String {
-    let out = Command::new(helm())
+    let out = Command::new(k8s::helm())
         .args(["template", release])
         .arg(repo().join("charts/lameduck"))
         .args(["--namespace", namespace, "--kube-version", K8S_VERSION])

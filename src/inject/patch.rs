@@ -11,8 +11,9 @@
 //!   Always` for a native sidecar, else the last container), the app
 //!   containers' preStop on `/drained` (an existing preStop is kept and the
 //!   skip recorded in `lameduck.io/skipped`), the grace period raised to what
-//!   the drain needs (never lowered), and the scrape annotations unless the
-//!   pod already has its own.
+//!   the drain needs (never lowered), the ServiceAccount token mounted as
+//!   the apiserver mounted it into the app, and the scrape annotations unless
+//!   the pod already has its own.
 //!
 //! Paths are built token by token (`PointerBuf::from_tokens`), which escapes
 //! `/` and `~` in keys such as `lameduck.io/status`.
@@ -164,7 +165,13 @@ fn plan(
         }
     }
 
-    let container = sidecar.container();
+    let mut container = sidecar.container();
+    // The apiserver's ServiceAccount admission mounted the token into the
+    // containers that existed before this webhook ran; the sidecar needs it
+    // too (its Kubernetes-aware drain), exactly as that plugin would have.
+    if let Some(mount) = token_mount(containers) {
+        container["volumeMounts"] = json!([mount]);
+    }
     if sidecar.settings.native_sidecar {
         if pod.pointer("/spec/initContainers").is_some() && !init_containers.is_empty() {
             // First, so it serves before any init container needs the network.
@@ -346,6 +353,17 @@ fn declared_ports(containers: &[Value]) -> impl Iterator<Item = (Option<&str>, u
                 u16::try_from(port).ok()?,
             ))
         })
+}
+
+/// Where the ServiceAccount admission plugin mounts the token.
+const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+fn token_mount(containers: &[Value]) -> Option<Value> {
+    containers
+        .iter()
+        .flat_map(|c| array(Some(c), "volumeMounts"))
+        .find(|m| m.get("mountPath").and_then(Value::as_str) == Some(TOKEN_MOUNT_PATH))
+        .cloned()
 }
 
 fn container_with_port(containers: &[Value], port: u16) -> Option<String> {

@@ -189,6 +189,9 @@ async fn mutate(ctx: &WebhookContext, request: Request<Incoming>) -> Response<Fu
             );
         }
     };
+    // The whole review, for debugging a webhook (off unless asked for: it
+    // holds the pod's spec).
+    tracing::trace!(review = %String::from_utf8_lossy(&body), "admission review received");
     let settings = ctx.injector.settings();
     match review(&body, &settings) {
         Ok(reviewed) => {

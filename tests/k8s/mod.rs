@@ -676,6 +676,33 @@ fn sweep_stale_dirs() {
 }
 
 /// A 127.0.0.1 port that was free a moment ago (bound then released).
+/// helm, from `deploy/tools.sh helm` (which builds it once, cached, when it
+/// is missing; HELM=/path overrides).
+pub fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tools.sh"))
+            .arg("helm")
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run deploy/tools.sh");
+        assert!(
+            out.status.success(),
+            "deploy/tools.sh helm failed ({})",
+            out.status
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
+        assert!(
+            path.is_file(),
+            "deploy/tools.sh helm printed {stdout:?}, not helm's path"
+        );
+        path
+    })
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -754,31 +781,110 @@ fn make_pki(dir: &Path) -> Result<(), String> {
     ];
     let subjects = ["/CN=lameduck-test-ca", "/CN=kube-apiserver"];
     for (i, args) in steps.iter().enumerate() {
-        let mut cmd = Command::new("openssl");
-        cmd.args(args).current_dir(dir).stdin(Stdio::null());
+        let mut args = args.clone();
         if let Some(subj) = subjects.get(i) {
-            cmd.args(["-subj", subj]);
+            args.extend(["-subj", subj]);
             if i == 0 {
-                cmd.args([
-                    "-addext",
-                    "basicConstraints=critical,CA:TRUE",
-                    "-addext",
-                    "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-                ]);
+                args.extend(CA_EXTENSIONS);
             }
         }
-        let out = cmd
-            .output()
-            .map_err(|e| format!("cannot run openssl (is it installed?): {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "openssl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
+        openssl(dir, &args)?;
     }
     Ok(())
+}
+
+const CA_EXTENSIONS: [&str; 4] = [
+    "-addext",
+    "basicConstraints=critical,CA:TRUE",
+    "-addext",
+    "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+];
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run openssl (is it installed?): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A serving certificate for `subject_alt_name` (e.g. `IP:127.0.0.1`) in
+/// `dir`: `<name>-ca.crt` (the CA a client trusts), `<name>.crt` and
+/// `<name>.key` (P-256), each call with a new CA unless `<name>-ca.key`
+/// exists (then the same CA signs a new certificate: a rotation).
+pub fn serving_certificate(dir: &Path, name: &str, subject_alt_name: &str) -> Result<(), String> {
+    let ca = format!("{name}-ca");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    if !dir.join(format!("{ca}.key")).exists() {
+        let (key, crt, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.crt"),
+            format!("/CN={ca}"),
+        );
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend([
+            "-keyout", &key, "-out", &crt, "-days", "3650", "-subj", &subj,
+        ]);
+        args.extend(CA_EXTENSIONS);
+        openssl(dir, &args)?;
+    }
+    let ext = format!(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName={subject_alt_name}\n"
+    );
+    write(&dir.join(format!("{name}.ext")), &ext)?;
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    let (ca_crt, ca_key, ext_file) = (
+        format!("{ca}.crt"),
+        format!("{ca}.key"),
+        format!("{name}.ext"),
+    );
+    let subj = format!("/CN={name}");
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+    openssl(dir, &args)?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "30",
+            "-extfile",
+            &ext_file,
+        ],
+    )
 }
 
 /// A kubeconfig with token auth and the CA as a file.

@@ -146,8 +146,8 @@ impl Lameduck {
             ("--metrics-linger", "0s"),
             ("--upstream", closed.as_str()),
         ];
-        // `demo` brings its own upstream.
-        let is_demo = pre.first() == Some(&"demo");
+        // `demo` brings its own upstream; `inject` has none.
+        let is_demo = matches!(pre.first(), Some(&"demo") | Some(&"inject"));
         let mut full: Vec<String> = pre.iter().map(|s| s.to_string()).collect();
         for (flag, value) in defaults {
             let in_env = env.iter().any(|(k, _)| *k == env_name(flag));
@@ -249,7 +249,12 @@ impl Lameduck {
                     panic!("`listening` line has no parsable `{key}` address: {listening}")
                 })
         };
-        let proxy = addr_of("proxy");
+        // The webhook's listener is logged as `webhook`.
+        let proxy = addr_of(if field(&listening, "webhook").is_some() {
+            "webhook"
+        } else {
+            "proxy"
+        });
         let admin = addr_of("admin");
         Lameduck {
             child,

@@ -1,5 +1,7 @@
 //! Patch generation on Pods as the apiserver sends them (defaulted; the
-//! base pod is from a recorded AdmissionReview, `testdata/review-pod.json`),
+//! base pod is from an AdmissionReview kube-apiserver v1.37.2 sent in
+//! tests/inject.rs, recorded with LAMEDUCK_RECORD_REVIEWS=1 into
+//! `testdata/review-pod.json`, managedFields removed),
 //! each patch applied with an RFC 6902 implementation and the result checked.
 
 use super::*;
@@ -37,8 +39,14 @@ fn a_plain_pod_gets_the_native_sidecar_and_the_hook() {
     let injection = inject(&pod, &settings());
     assert_eq!(injection.outcome, Outcome::Injected);
     let out = patched(&pod, &injection);
-    let expected = settings().validate().unwrap();
-    assert_eq!(out["spec"]["initContainers"][0], expected.container());
+    // The recorded pod's app declares one port, 3000: the one to proxy to.
+    let mut expected = settings();
+    expected.upstream_port = 3000;
+    let expected = expected.validate().unwrap();
+    let mut container = expected.container();
+    // The token, mounted as the ServiceAccount admission mounted it into the app.
+    container["volumeMounts"] = pod["spec"]["containers"][0]["volumeMounts"].clone();
+    assert_eq!(out["spec"]["initContainers"][0], container);
     assert_eq!(out["spec"]["initContainers"][0]["restartPolicy"], "Always");
     assert_eq!(
         out["spec"]["containers"][0]["lifecycle"]["preStop"],
