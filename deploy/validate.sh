@@ -216,6 +216,25 @@ if grep -q 'name: app-lameduck' "$WORK/consumer-native.yaml"; then die "consumer
 expect_fail "consumer without a sidecar image tag" "image.tag (or image.digest) is empty" \
   "$HELM" template app "$WORK/consumer" --kube-version "$KUBE_VERSION" --set sidecar.image.tag=
 
+step "injector chart (charts/lameduck-injector)"
+INJECTOR="$ROOT/charts/lameduck-injector"
+"$HELM" lint --strict "$INJECTOR" --kube-version "$KUBE_VERSION" || die "helm lint lameduck-injector"
+for values in "" "--set webhook.failurePolicy=Fail" "--set certificates.source=cert-manager --set certificates.certManager.issuerRef.name=ca" \
+  "--set certificates.source=external --set certificates.secretName=mine --set certificates.caBundle=Q0E=" \
+  "--set-json sidecar={\"nativeSidecar\":false,\"drainTimeout\":\"40s\"} --set podDisruptionBudget.enabled=false"; do
+  # shellcheck disable=SC2086 # $values holds several flags
+  "$HELM" template inj "$INJECTOR" -n lameduck-system --kube-version "$KUBE_VERSION" $values >"$WORK/injector.yaml" \
+    || die "helm template lameduck-injector $values"
+  grep -q 'kind: MutatingWebhookConfiguration' "$WORK/injector.yaml" || die "injector $values: no webhook configuration"
+  grep -q 'values: \["kube-system","lameduck-system"\]' "$WORK/injector.yaml" || die "injector $values: kube-system and its own namespace not excluded"
+done
+"$HELM" template inj "$INJECTOR" --kube-version "$OLD_KUBE_VERSION" | grep -q '"nativeSidecar": false' \
+  || die "injector: a cluster older than 1.29 must get the regular-container layout"
+expect_fail "injector: an unknown certificate source" "must be helm, cert-manager or external" \
+  "$HELM" template inj "$INJECTOR" --set certificates.source=vault
+expect_fail "injector: cert-manager without an issuer" "needs certificates.certManager.issuerRef.name" \
+  "$HELM" template inj "$INJECTOR" --set certificates.source=cert-manager
+
 step "rehearsal against the lameduck binary (pod deletion replayed on loopback)"
 # Uses $LAMEDUCK_BIN, else target/release/lameduck, else target/debug/lameduck;
 # skipped when none exists (this script does not build lameduck).
