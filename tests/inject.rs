@@ -655,4 +655,19 @@ async fn helm_install_and_upgrade_keep_the_injectors_certificate() {
     }
     let app: Api<Deployment> = cp.api("shop");
     assert!(app.get("app-lameduck").await.is_ok());
+
+    // The Grafana dashboard, loaded the way Grafana's dashboard sidecar
+    // expects it (README: Install): a labelled ConfigMap.
+    let dashboard =
+        std::fs::read_to_string(repo().join("deploy/grafana/lameduck-drain.json")).unwrap();
+    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> = cp.api("shop");
+    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "lameduck-dashboard", "labels": {"grafana_dashboard": "1"}},
+        "data": {"lameduck-drain.json": dashboard}
+    }))
+    .unwrap();
+    config_maps
+        .create(&PostParams::default(), &cm)
+        .await
+        .expect("the dashboard ConfigMap");
 }

@@ -86,6 +86,28 @@ impl Prometheus {
             .unwrap_or_default()
     }
 
+    /// A range query over the last `seconds`: whether Prometheus accepted it
+    /// (its error otherwise) and how many series it returned.
+    async fn query_range(&self, q: &str, seconds: u64) -> Result<usize, String> {
+        let end = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let path = format!(
+            "/api/v1/query_range?query={}&start={}&end={end}&step=1",
+            url_encode(q),
+            end - seconds
+        );
+        let r = http_get(self.addr, &path)
+            .await
+            .map_err(|e| format!("prometheus query {q}: {e}"))?;
+        let v: Value = serde_json::from_slice(&r.body).map_err(|e| format!("{e}: {}", r.text()))?;
+        if v["status"] != "success" {
+            return Err(format!("{}: {}", v["errorType"], v["error"]));
+        }
+        Ok(v["data"]["result"].as_array().map_or(0, Vec::len))
+    }
+
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -254,7 +276,51 @@ fn prometheus_records_the_drain_and_drained_answers_before_the_linger() {
             "drain_connections_closed_total{{how=\"graceful\"}} {graceful:?}"
         );
         assert_eq!(drained_state, vec![1.0], "state{{state=\"drained\"}}");
+
+        // Every query of the Grafana dashboard is valid PromQL for this
+        // Prometheus, and the drain panels show this drain.
+        check_dashboard(&prom).await;
     });
+}
+
+/// The queries of deploy/grafana/lameduck-drain.json, with Grafana's
+/// variables as Grafana would substitute them for "All" and a 1 s scrape.
+async fn check_dashboard(prom: &Prometheus) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/lameduck-drain.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let must_show_the_drain = [
+        "Replicas draining",
+        "Requests answered by status class",
+        "Last drain duration",
+        "Connections closed at the drain",
+        "Why the lame-duck window ended",
+        "Drain deadline, by where it came from",
+        "Open connections by protocol",
+    ];
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap_or("");
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let q = expr
+                .replace("$namespace", ".*")
+                .replace("$pod", ".*")
+                .replace("$__rate_interval", "4s");
+            let series = prom
+                .query_range(&q, 60)
+                .await
+                .unwrap_or_else(|e| panic!("dashboard panel {title:?}: {expr}: {e}"));
+            if must_show_the_drain.contains(&title) {
+                assert!(series > 0, "dashboard panel {title:?} shows nothing: {q}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 16, "only {checked} dashboard queries");
+    eprintln!("[prometheus] {checked} dashboard queries valid; the drain panels show the drain");
 }
 
 #[test]
