@@ -15,3 +15,4 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;
