@@ -16,3 +16,4 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;

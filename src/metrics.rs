@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
 
 /// prometheus-client writes OpenMetrics; Prometheus asks for it by `Accept`.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -198,6 +199,178 @@ impl DeadlineSource {
     }
 }
 
+/// A listener that terminates TLS, the `listener` label of the `tls_*` series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsListener {
+    /// `--listen`, with `--tls-cert`/`--tls-key`.
+    Proxy = 0,
+    /// `--admin-listen`, with `--admin-tls-cert`/`--admin-tls-key`.
+    Admin = 1,
+    /// The admission webhook of `lameduck inject`.
+    Webhook = 2,
+}
+
+impl TlsListener {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsListener::Proxy => "proxy",
+            TlsListener::Admin => "admin",
+            TlsListener::Webhook => "webhook",
+        }
+    }
+}
+
+/// Why a TLS handshake failed, the `reason` label of `tls_handshake_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// Not finished within the handshake timeout.
+    Timeout = 0,
+    /// The client sent cleartext HTTP to the TLS port.
+    PlaintextHttp = 1,
+    /// The client offered only SSLv3, TLS 1.0 or TLS 1.1.
+    ProtocolVersion = 2,
+    /// Nothing else in common: cipher suites, groups, signature schemes, ALPN.
+    Incompatible = 3,
+    /// mTLS: no client certificate, or one that does not verify.
+    ClientCertificate = 4,
+    /// The client aborted with an alert (e.g. it does not trust our certificate).
+    PeerAlert = 5,
+    /// Bytes that are not a well-formed TLS handshake.
+    Malformed = 6,
+    /// The client closed or reset the connection mid-handshake.
+    Closed = 7,
+    Other = 8,
+}
+
+impl HandshakeFailure {
+    pub const ALL: [HandshakeFailure; 9] = [
+        HandshakeFailure::Timeout,
+        HandshakeFailure::PlaintextHttp,
+        HandshakeFailure::ProtocolVersion,
+        HandshakeFailure::Incompatible,
+        HandshakeFailure::ClientCertificate,
+        HandshakeFailure::PeerAlert,
+        HandshakeFailure::Malformed,
+        HandshakeFailure::Closed,
+        HandshakeFailure::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::PlaintextHttp => "plaintext_http",
+            HandshakeFailure::ProtocolVersion => "protocol_version",
+            HandshakeFailure::Incompatible => "incompatible",
+            HandshakeFailure::ClientCertificate => "client_certificate",
+            HandshakeFailure::PeerAlert => "peer_alert",
+            HandshakeFailure::Malformed => "malformed",
+            HandshakeFailure::Closed => "closed",
+            HandshakeFailure::Other => "other",
+        }
+    }
+}
+
+/// The pre-resolved `tls_*` series of one listener (see [`Metrics::tls`]).
+/// Cloning shares the series.
+#[derive(Debug, Clone)]
+pub struct TlsMetrics {
+    pub listener: TlsListener,
+    /// notAfter of the certificate being served, Unix seconds.
+    pub certificate_expiry: Gauge<f64, AtomicU64>,
+    pub reloads_success: Counter,
+    pub reloads_failure: Counter,
+    handshake_failures: [Counter; 9],
+    pub handshakes_in_progress: Gauge,
+    pub handshakes_full: Counter,
+    pub handshakes_resumed: Counter,
+}
+
+impl TlsMetrics {
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        self.handshake_failures[reason as usize].inc();
+    }
+
+    pub fn handshake_failures(&self, reason: HandshakeFailure) -> u64 {
+        self.handshake_failures[reason as usize].get()
+    }
+}
+
+/// The families behind [`TlsMetrics`]: a listener's series appear only once
+/// it is TLS-enabled, so an expiry alert never sees a 0 for a cleartext port.
+struct TlsFamilies {
+    expiry: Family<Labels, Gauge<f64, AtomicU64>>,
+    reloads: Family<Labels2, Counter>,
+    handshake_failures: Family<Labels2, Counter>,
+    in_progress: Family<Labels, Gauge>,
+    handshakes: Family<Labels2, Counter>,
+}
+
+impl TlsFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        let families = TlsFamilies {
+            expiry: Family::default(),
+            reloads: Family::default(),
+            handshake_failures: Family::default(),
+            in_progress: Family::default(),
+            handshakes: Family::default(),
+        };
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the TLS certificate being served, Unix time",
+            families.expiry.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "TLS certificate loads after start-up (file change or SIGHUP), by result",
+            families.reloads.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that did not complete, by reason",
+            families.handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_handshakes_in_progress",
+            "TLS handshakes started and not yet finished",
+            families.in_progress.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes completed, by session (new or resumed)",
+            families.handshakes.clone(),
+        );
+        families
+    }
+
+    fn resolve(&self, listener: TlsListener) -> TlsMetrics {
+        let name = ("listener", listener.as_str());
+        // One statement per series: `get_or_create` returns a read guard,
+        // and two of them alive in one expression deadlock the family's
+        // lock when the second one has to insert.
+        let with = |family: &Family<Labels2, Counter>, key, value| -> Counter {
+            family.get_or_create(&[name, (key, value)]).clone()
+        };
+        let handshake_failures = HandshakeFailure::ALL
+            .map(|reason| with(&self.handshake_failures, "reason", reason.as_str()));
+        let reloads_success = with(&self.reloads, "result", "success");
+        let reloads_failure = with(&self.reloads, "result", "failure");
+        let handshakes_full = with(&self.handshakes, "session", "new");
+        let handshakes_resumed = with(&self.handshakes, "session", "resumed");
+        let certificate_expiry = self.expiry.get_or_create(&[name]).clone();
+        let handshakes_in_progress = self.in_progress.get_or_create(&[name]).clone();
+        TlsMetrics {
+            listener,
+            certificate_expiry,
+            reloads_success,
+            reloads_failure,
+            handshake_failures,
+            handshakes_in_progress,
+            handshakes_full,
+            handshakes_resumed,
+        }
+    }
+}
+
 /// The lifecycle states, in order; the `state` label.
 pub const STATE_NAMES: [&str; 4] = ["starting", "serving", "draining", "drained"];
 
@@ -223,6 +396,7 @@ pub struct Metrics {
     pub endpoints_serving: Gauge,
     window_end: [Gauge; 4],
     drain_deadline: [Gauge<f64, AtomicU64>; 3],
+    tls: TlsFamilies,
 }
 
 /// Registers a family with one label and returns the handle of each value, in order.
@@ -369,6 +543,7 @@ impl Metrics {
             "source",
             DeadlineSource::ALL.map(DeadlineSource::as_str),
         );
+        let tls = TlsFamilies::register(&mut registry);
         let build_info = Family::<Labels, Gauge>::default();
         registry.register("build_info", "Build information", build_info.clone());
         build_info
@@ -396,7 +571,14 @@ impl Metrics {
             endpoints_serving,
             window_end,
             drain_deadline,
+            tls,
         }
+    }
+
+    /// The `tls_*` series of one listener, created on first use; call it once
+    /// per listener at start-up and keep the handles.
+    pub fn tls(&self, listener: TlsListener) -> TlsMetrics {
+        self.tls.resolve(listener)
     }
 
     pub fn timed_out(&self, kind: TimeoutKind) {
@@ -538,6 +720,42 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("lameduck_build_info{version="), "{text}");
+    }
+
+    #[test]
+    fn tls_series_appear_only_for_a_tls_listener() {
+        let metrics = Metrics::new();
+        assert!(!metrics.encode().contains("listener=\"proxy\""));
+        let proxy = metrics.tls(TlsListener::Proxy);
+        proxy.handshake_failed(HandshakeFailure::Timeout);
+        proxy.reloads_failure.inc();
+        proxy.certificate_expiry.set(1.7e9);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "lameduck_tls_handshake_failures_total{listener=\"proxy\",reason=\"timeout\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("lameduck_tls_reloads_total{listener=\"proxy\",result=\"failure\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "lameduck_tls_certificate_expiry_timestamp_seconds{listener=\"proxy\"} 1700000000"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("lameduck_tls_handshakes_in_progress{listener=\"proxy\"} 0"));
+        assert!(!text.contains("listener=\"admin\""), "{text}");
+        // Resolving again shares the series.
+        assert_eq!(
+            metrics
+                .tls(TlsListener::Proxy)
+                .handshake_failures(HandshakeFailure::Timeout),
+            1
+        );
     }
 
     #[test]

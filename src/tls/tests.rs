@@ -1,0 +1,467 @@
+//! Real certificates (made by the openssl CLI, as scripts/test.sh installs
+//! it), real loopback handshakes with a rustls client.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::metrics::{HandshakeFailure, Metrics, TlsListener};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and leaves signed by it, in one temp dir.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=lameduck test CA",
+            ],
+        );
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `name.crt` and `name.key`, for `cn` with the given subjectAltName.
+    fn leaf(&self, name: &str, cn: &str, san: &str) -> CertFiles {
+        let ext = format!("{name}.ext");
+        std::fs::write(self.path(&ext), format!("subjectAltName={san}\n")).unwrap();
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        openssl(
+            self.dir.path(),
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            self.dir.path(),
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+            ],
+        );
+        CertFiles {
+            cert: self.path(&crt),
+            key: self.path(&key),
+            cert_flag: "--tls-cert",
+            key_flag: "--tls-key",
+        }
+    }
+
+    fn server(&self, name: &str) -> CertFiles {
+        self.leaf(name, name, "DNS:localhost,IP:127.0.0.1")
+    }
+
+    fn client_config(&self, client: Option<&CertFiles>) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in load_certificates(&self.path("ca.crt"), "ca").unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match client {
+            Some(files) => builder
+                .with_client_auth_cert(
+                    load_certificates(&files.cert, "c").unwrap(),
+                    load_private_key(&files.key, "k").unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+fn metrics() -> crate::metrics::TlsMetrics {
+    Metrics::new().tls(TlsListener::Proxy)
+}
+
+fn der_of(cert: &ReloadableCert) -> Vec<u8> {
+    cert.current().key.cert[0].as_ref().to_vec()
+}
+
+#[test]
+fn loads_a_pair_and_reads_its_expiry() {
+    let pki = Pki::new();
+    let files = pki.server("server");
+    let loaded = load_pair(&files, &provider()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // -days 1
+    assert!(
+        (now + 86_000..=now + 86_500).contains(&loaded.not_after),
+        "{}",
+        loaded.not_after
+    );
+    assert_eq!(loaded.subject, "CN=server");
+    let tls = metrics();
+    let cert = ReloadableCert::load(files, tls.clone()).unwrap();
+    assert_eq!(tls.certificate_expiry.get(), loaded.not_after as f64);
+    assert_eq!(cert.current().not_after, loaded.not_after);
+}
+
+#[test]
+fn a_key_of_another_certificate_is_refused_naming_both_flags() {
+    let pki = Pki::new();
+    let mut files = pki.server("a");
+    files.key = pki.server("b").key;
+    let e = load_pair(&files, &provider()).unwrap_err();
+    assert!(matches!(e, TlsError::KeyMismatch { .. }), "{e:?}");
+    let message = e.to_string();
+    assert!(
+        message.contains("--tls-key") && message.contains("--tls-cert"),
+        "{message}"
+    );
+    assert!(
+        message.contains("b.key") && message.contains("a.crt"),
+        "{message}"
+    );
+}
+
+#[test]
+fn missing_and_garbage_files_name_the_flag_and_the_path() {
+    let pki = Pki::new();
+    let mut files = pki.server("server");
+    files.cert = pki.path("absent.crt");
+    let e = load_pair(&files, &provider()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TlsError::Read {
+                flag: "--tls-cert",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().starts_with("--tls-cert "), "{e}");
+    assert!(e.to_string().contains("absent.crt"), "{e}");
+
+    std::fs::write(pki.path("garbage.crt"), "not a certificate\n").unwrap();
+    files.cert = pki.path("garbage.crt");
+    let e = load_pair(&files, &provider()).unwrap_err();
+    assert!(matches!(e, TlsError::NoCertificate { .. }), "{e:?}");
+
+    files = pki.server("server");
+    files.key = files.cert.clone();
+    let e = load_pair(&files, &provider()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TlsError::NoKey {
+                flag: "--tls-key",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_broken_reload_keeps_the_previous_pair_and_a_good_one_replaces_it() {
+    let pki = Pki::new();
+    let files = pki.server("live");
+    let tls = metrics();
+    let cert = ReloadableCert::load(files.clone(), tls.clone()).unwrap();
+    let before = der_of(&cert);
+
+    // A mismatched pair, then a truncated certificate: both refused.
+    let other = pki.server("other");
+    std::fs::copy(&other.cert, &files.cert).unwrap();
+    assert!(matches!(cert.reload(), Err(TlsError::KeyMismatch { .. })));
+    std::fs::write(&files.cert, b"-----BEGIN CERTIFICATE-----\nMIIB").unwrap();
+    assert!(cert.reload().is_err());
+    assert_eq!(der_of(&cert), before);
+    assert_eq!(tls.reloads_failure.get(), 2);
+    assert_eq!(tls.reloads_success.get(), 0);
+
+    // The complete new pair is taken.
+    std::fs::copy(&other.key, &files.key).unwrap();
+    std::fs::copy(&other.cert, &files.cert).unwrap();
+    let reloaded = cert.reload().unwrap();
+    assert_eq!(reloaded.subject, "CN=other");
+    assert_ne!(der_of(&cert), before);
+    assert_eq!(tls.reloads_success.get(), 1);
+}
+
+/// A listener that accepts `n` connections through `handshaker` and answers
+/// each with the negotiated ALPN, or the failure reason.
+async fn serve(
+    handshaker: Handshaker,
+    n: usize,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut outcomes = Vec::new();
+        for _ in 0..n {
+            let (tcp, _) = listener.accept().await.unwrap();
+            match handshaker.accept(tcp).await {
+                Ok(mut stream) => {
+                    let conn = stream.get_ref().1;
+                    let alpn = String::from_utf8_lossy(conn.alpn_protocol().unwrap_or(b"none"))
+                        .into_owned();
+                    let identity = PeerIdentity::of(conn)
+                        .map(|p| p.header_value())
+                        .unwrap_or_default();
+                    stream
+                        .write_all(format!("{alpn} {identity}").as_bytes())
+                        .await
+                        .unwrap();
+                    // close_notify, so the client reads a clean end.
+                    stream.shutdown().await.unwrap();
+                    outcomes.push(alpn);
+                }
+                Err(e) => outcomes.push(e.reason.as_str().to_string()),
+            }
+        }
+        outcomes
+    });
+    (addr, task)
+}
+
+async fn client(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<(String, bool)> {
+    let tcp = TcpStream::connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut stream = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    Ok((answer, resumed))
+}
+
+#[tokio::test]
+async fn handshakes_negotiate_h2_and_resume_the_session() {
+    let pki = Pki::new();
+    let tls = metrics();
+    let cert = ReloadableCert::load(pki.server("server"), tls.clone()).unwrap();
+    let config = server_config(cert, ALPN_HTTP, None).unwrap();
+    let (addr, server) = serve(
+        Handshaker::new(config, Duration::from_secs(5), tls.clone()),
+        2,
+    )
+    .await;
+    let client_config = pki.client_config(None);
+    let (answer, resumed) = client(addr, client_config.clone()).await.unwrap();
+    assert!(answer.starts_with("h2 "), "{answer}");
+    assert!(!resumed);
+    let (_, resumed) = client(addr, client_config).await.unwrap();
+    assert!(
+        resumed,
+        "the second connection resumes the first one's session"
+    );
+    assert_eq!(server.await.unwrap(), ["h2", "h2"]);
+    assert_eq!(tls.handshakes_full.get(), 1);
+    assert_eq!(tls.handshakes_resumed.get(), 1);
+    assert_eq!(tls.handshakes_in_progress.get(), 0);
+}
+
+#[tokio::test]
+async fn cleartext_http_gets_a_400_and_a_silent_client_times_out() {
+    let pki = Pki::new();
+    let tls = metrics();
+    let cert = ReloadableCert::load(pki.server("server"), tls.clone()).unwrap();
+    let config = server_config(cert, ALPN_HTTP, None).unwrap();
+    let (addr, server) = serve(
+        Handshaker::new(config, Duration::from_millis(300), tls.clone()),
+        2,
+    )
+    .await;
+
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    plain.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("use https:// instead.\n"), "{answer}");
+
+    let started = std::time::Instant::now();
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(silent.read(&mut buf).await.unwrap_or(0), 0, "closed");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(server.await.unwrap(), ["plaintext_http", "timeout"]);
+    assert_eq!(tls.handshake_failures(HandshakeFailure::PlaintextHttp), 1);
+    assert_eq!(tls.handshake_failures(HandshakeFailure::Timeout), 1);
+    assert_eq!(tls.handshakes_in_progress.get(), 0);
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_and_their_identity_is_exported() {
+    let pki = Pki::new();
+    let tls = metrics();
+    let cert = ReloadableCert::load(pki.server("server"), tls.clone()).unwrap();
+    let ca = ClientCa::load(&pki.path("ca.crt"), "--tls-client-ca").unwrap();
+    let config = server_config(cert, ALPN_HTTP, Some(&ca)).unwrap();
+    let (addr, server) = serve(
+        Handshaker::new(config, Duration::from_secs(5), tls.clone()),
+        2,
+    )
+    .await;
+
+    // rustls clients finish their side before the server checks the
+    // certificate (TLS 1.3), so the refusal shows on the first read.
+    assert!(client(addr, pki.client_config(None)).await.is_err());
+    let workload = pki.leaf(
+        "workload",
+        "workload",
+        "URI:spiffe://cluster.local/ns/a/sa/b,DNS:b.a.svc",
+    );
+    let (answer, _) = client(addr, pki.client_config(Some(&workload)))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("h2 Hash="), "{answer}");
+    assert!(
+        answer
+            .ends_with(";Subject=\"CN=workload\";URI=spiffe://cluster.local/ns/a/sa/b;DNS=b.a.svc"),
+        "{answer}"
+    );
+    assert_eq!(server.await.unwrap(), ["client_certificate", "h2"]);
+}
+
+/// The layout kubelet writes for a Secret volume: `tls.crt -> ..data/tls.crt`,
+/// `..data -> ..<timestamp>`, updated by renaming a new `..data` over the old.
+fn secret_volume(dir: &Path, version: &str, from: &CertFiles) {
+    let target = dir.join(version);
+    std::fs::create_dir(&target).unwrap();
+    std::fs::copy(&from.cert, target.join("tls.crt")).unwrap();
+    std::fs::copy(&from.key, target.join("tls.key")).unwrap();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for name in ["tls.crt", "tls.key"] {
+        let link = dir.join(name);
+        if link.symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), link).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_watcher_follows_a_secret_volume_swap_and_reloads_on_request() {
+    let pki = Pki::new();
+    let volume = tempfile::tempdir().unwrap();
+    secret_volume(volume.path(), "..v1", &pki.server("first"));
+    let files = CertFiles {
+        cert: volume.path().join("tls.crt"),
+        key: volume.path().join("tls.key"),
+        cert_flag: "--tls-cert",
+        key_flag: "--tls-key",
+    };
+    let tls = metrics();
+    let cert = ReloadableCert::load(files, tls.clone()).unwrap();
+    let signal = ReloadSignal::new();
+    let stop = CancellationToken::new();
+    let watcher = tokio::spawn(watch_files(
+        cert.clone(),
+        signal.subscribe(),
+        Duration::from_millis(20),
+        stop.clone(),
+    ));
+
+    secret_volume(volume.path(), "..v2", &pki.server("second"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while cert.current().subject != "CN=second" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the swap was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(tls.reloads_success.get(), 1);
+
+    signal.trigger();
+    while tls.reloads_success.get() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP-style reload not done"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    watcher.await.unwrap();
+}
