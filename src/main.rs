@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use lameduck::config::{Cli, Command, Config, InjectArgs, LogFormat, ProxyArgs};
-use lameduck::{demo, drain_client, inject, lifecycle, telemetry};
+use lameduck::metrics::TlsListener;
+use lameduck::{demo, drain_client, inject, lifecycle, telemetry, tls};
 
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -136,9 +137,11 @@ async fn run_inject(args: InjectArgs) -> ExitCode {
         Ok(settings) => settings,
         Err(e) => return fail(EXIT_USAGE, e),
     };
-    let tls = match webhook_tls(&args) {
-        Ok(tls) => tls,
-        Err(e) => return fail(EXIT_USAGE, e),
+    let cert_files = tls::CertFiles {
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        cert_flag: "--tls-cert",
+        key_flag: "--tls-key",
     };
     let config = match args.into_config() {
         Ok(config) => config,
@@ -148,26 +151,14 @@ async fn run_inject(args: InjectArgs) -> ExitCode {
         Ok(bound) => bound,
         Err(e) => return fail(EXIT_FAILURE, e),
     };
-    let injector = Arc::new(inject::Injector::new(settings, tls));
+    let cert = tls::ReloadableCert::load(cert_files, bound.metrics.tls(TlsListener::Webhook));
+    let injector = match cert.and_then(|cert| inject::Injector::new(settings, cert)) {
+        Ok(injector) => Arc::new(injector),
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
     let outcome = lifecycle::run(config, bound, logs, lifecycle::Service::Webhook(injector)).await;
     tracing::info!(exit_code = outcome.exit_code(), "exiting");
     ExitCode::from(outcome.exit_code())
-}
-
-fn webhook_tls(args: &InjectArgs) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(&args.tls_cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("--tls-cert {}: {e}", args.tls_cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&args.tls_key)
-        .map_err(|e| format!("--tls-key {}: {e}", args.tls_key.display()))?;
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 async fn run_demo(args: ProxyArgs) -> ExitCode {

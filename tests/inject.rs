@@ -671,3 +671,152 @@ async fn helm_install_and_upgrade_keep_the_injectors_certificate() {
         .await
         .expect("the dashboard ConfigMap");
 }
+
+/// A directory laid out as the kubelet lays out a Secret volume: the files
+/// are symlinks into `..data`, itself a symlink to a timestamped directory
+/// that an update replaces with one atomic rename.
+struct SecretVolume {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl SecretVolume {
+    fn new(dir: &Path) -> SecretVolume {
+        let dir = dir.join("secret");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["tls.crt", "tls.key"] {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+        SecretVolume { dir, generation: 0 }
+    }
+
+    /// Publishes `cert` and `key` (file contents) as the new version.
+    fn publish(&mut self, cert: &[u8], key: &[u8]) {
+        self.generation += 1;
+        let version = format!("..v{}", self.generation);
+        let data = self.dir.join(&version);
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("tls.crt"), cert).unwrap();
+        std::fs::write(data.join("tls.key"), key).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+/// The certificate is replaced the way a Secret volume is updated, with a
+/// broken pair (a key that is not the certificate's) published in between,
+/// while pods are being created through the webhook with failurePolicy
+/// Fail: every creation is admitted and injected, the broken pair is
+/// refused, and the new certificate is the one served afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_served_without_a_failed_admission() {
+    let cp = ControlPlane::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    k8s::serving_certificate(dir.path(), "webhook", "IP:127.0.0.1").unwrap();
+    let (first_cert, first_key) = (read("webhook.crt"), read("webhook.key"));
+    let mut volume = SecretVolume::new(dir.path());
+    volume.publish(&first_cert, &first_key);
+    let config = dir.path().join("sidecar.json");
+    std::fs::write(&config, sidecar_settings().to_string()).unwrap();
+    let cert = volume.dir.join("tls.crt");
+    let key = volume.dir.join("tls.key");
+    let injector = Lameduck::spawn_subcommand(
+        "inject",
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--sidecar-config",
+            config.to_str().unwrap(),
+            "--kubernetes",
+            "off",
+        ],
+    );
+    let url = format!("https://{}/mutate", injector.proxy_addr());
+    let ca = base64(&read("webhook-ca.crt"));
+    cp.create_namespace(INJECTOR_NS).await;
+    cp.apply_yaml(&injector_chart(&url, &ca, "Fail"), INJECTOR_NS)
+        .await;
+    cp.create_namespace("shop").await;
+    let pods: Api<Pod> = cp.api("shop");
+
+    // A new certificate from the same CA (what cert-manager's renewal does).
+    k8s::serving_certificate(dir.path(), "webhook", "IP:127.0.0.1").unwrap();
+    let (second_cert, second_key) = (read("webhook.crt"), read("webhook.key"));
+    assert_ne!(first_cert, second_cert);
+
+    let admin = injector.admin_addr();
+    let reloads = |result: &'static str| async move {
+        support::metric_or_zero(
+            admin,
+            &format!("lameduck_tls_reloads_total{{listener=\"webhook\",result=\"{result}\"}}"),
+        )
+        .await
+    };
+    let (ok_before, refused_before) = (reloads("success").await, reloads("failure").await);
+    let mut created = 0;
+    for i in 0..60 {
+        match i {
+            15 => volume.publish(&second_cert, &first_key), // mismatched: refused
+            30 => volume.publish(&second_cert, &second_key),
+            _ => {}
+        }
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("pod-{i}"), "labels": {"lameduck.io/inject": "true"}},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+        }))
+        .unwrap();
+        let stored = pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("pod {i} not admitted during the rotation: {e}"));
+        assert!(
+            stored.spec.unwrap().init_containers.is_some(),
+            "pod {i} not injected"
+        );
+        created += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(created, 60);
+    assert!(
+        reloads("failure").await > refused_before,
+        "the mismatched pair was not refused"
+    );
+    assert!(
+        reloads("success").await > ok_before,
+        "the new pair was not loaded"
+    );
+    // New handshakes get the new certificate.
+    let served = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &injector.proxy_addr().to_string(),
+            "-showcerts",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let served = String::from_utf8_lossy(&served.stdout);
+    let second = String::from_utf8_lossy(&second_cert);
+    let body = |pem: &str| {
+        pem.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>()
+    };
+    assert!(
+        body(&served).contains(&body(&second)),
+        "still the old certificate:\n{served}"
+    );
+    let refused = injector.logs_with_message(
+        "TLS certificate reload refused, still serving the previous certificate",
+    );
+    assert_eq!(
+        refused.len(),
+        1,
+        "one log line for the broken pair: {refused:?}"
+    );
+}

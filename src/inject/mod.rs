@@ -24,6 +24,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::tls::{self, Handshaker, ReloadableCert, TlsError};
 pub use patch::Outcome;
 pub use settings::{Sidecar, SidecarSettings};
 
@@ -33,29 +34,44 @@ pub enum InjectError {
     SidecarConfig { path: String, reason: String },
 }
 
-/// What every review needs: the sidecar settings, the TLS configuration
-/// and the webhook's metrics.
+/// How long a client has to finish its TLS handshake; the apiserver's own
+/// timeout for a whole review is at most 30 s.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every review needs: the sidecar settings, the certificate (reloaded
+/// when its files change, see `tls::watch_files`) and the webhook's metrics.
 pub struct Injector {
     settings: Arc<SidecarSettings>,
-    tls: Arc<rustls::ServerConfig>,
+    cert: Arc<ReloadableCert>,
+    handshaker: Handshaker,
     pub metrics: WebhookMetrics,
 }
 
 impl Injector {
-    pub fn new(settings: SidecarSettings, tls: Arc<rustls::ServerConfig>) -> Self {
-        Injector {
+    /// `cert` is the listener's certificate, loaded at start-up (its
+    /// metrics labelled `listener="webhook"`); HTTP/2 and HTTP/1.1 by ALPN.
+    pub fn new(settings: SidecarSettings, cert: Arc<ReloadableCert>) -> Result<Self, TlsError> {
+        let config = tls::server_config(cert.clone(), tls::ALPN_HTTP, None)?;
+        let handshaker = Handshaker::new(config, HANDSHAKE_TIMEOUT, cert.metrics().clone());
+        Ok(Injector {
             settings: Arc::new(settings),
-            tls,
+            cert,
+            handshaker,
             metrics: WebhookMetrics::default(),
-        }
+        })
     }
 
     pub fn settings(&self) -> Arc<SidecarSettings> {
         self.settings.clone()
     }
 
-    pub fn tls_config(&self) -> Arc<rustls::ServerConfig> {
-        self.tls.clone()
+    pub fn handshaker(&self) -> &Handshaker {
+        &self.handshaker
+    }
+
+    /// For the lifecycle's reload task.
+    pub fn certificate(&self) -> &Arc<ReloadableCert> {
+        &self.cert
     }
 }
 
@@ -85,7 +101,6 @@ type Labels = Vec<(&'static str, &'static str)>;
 pub struct WebhookMetrics {
     reviews: Family<Labels, Counter>,
     review_duration: Histogram,
-    handshake_failures: Counter,
 }
 
 impl Default for WebhookMetrics {
@@ -94,7 +109,6 @@ impl Default for WebhookMetrics {
             reviews: Family::default(),
             // 50 µs to ~1.6 s: a review is answered from memory.
             review_duration: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
-            handshake_failures: Counter::default(),
         }
     }
 }
@@ -111,11 +125,6 @@ impl WebhookMetrics {
             "Time from the review's request head to its answer",
             self.review_duration.clone(),
         );
-        registry.register(
-            "webhook_tls_handshake_failures",
-            "TLS handshakes on the webhook listener that failed or timed out",
-            self.handshake_failures.clone(),
-        );
     }
 
     pub fn reviewed(&self, outcome: &'static str, took: Duration) {
@@ -123,9 +132,5 @@ impl WebhookMetrics {
             .get_or_create(&vec![("outcome", outcome)])
             .inc();
         self.review_duration.observe(took.as_secs_f64());
-    }
-
-    pub fn handshake_failed(&self) {
-        self.handshake_failures.inc();
     }
 }

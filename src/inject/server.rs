@@ -22,7 +22,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use super::review::{ReviewError, review};
@@ -38,7 +37,6 @@ const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// The apiserver gives up on a webhook after its `timeoutSeconds` (≤ 30 s);
 /// a client that takes longer than this to send a review is not one.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every webhook connection shares.
@@ -93,21 +91,15 @@ async fn serve_connection(
     ctx: Arc<WebhookContext>,
 ) {
     let tokens = &ctx.lifecycle.tokens;
-    let acceptor = TlsAcceptor::from(ctx.injector.tls_config());
+    // Bounded and counted by the handshaker (`lameduck_tls_*{listener="webhook"}`).
     let tls = tokio::select! {
-        tls = timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => tls,
+        tls = ctx.injector.handshaker().accept(stream) => tls,
         () = tokens.stop_accepting.cancelled() => return,
     };
     let tls = match tls {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            ctx.injector.metrics.handshake_failed();
+        Ok(tls) => tls,
+        Err(e) => {
             tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            ctx.injector.metrics.handshake_failed();
-            tracing::debug!(%peer, "webhook TLS handshake timed out");
             return;
         }
     };

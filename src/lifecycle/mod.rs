@@ -29,6 +29,7 @@ use crate::inject::{self, Injector};
 use crate::metrics::{DeadlineSource, Metrics, WindowEnd};
 use crate::proxy::{self, ProxyContext, upstream::Upstream};
 use crate::telemetry::{LogReloader, ReloadOutcome};
+use crate::tls::{self, ReloadSignal};
 
 /// How long connection tasks get to notice a forced close.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
@@ -72,6 +73,9 @@ fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError>
 /// yet; an error here leaves nothing half-started.
 pub struct Bound {
     signals: signals::OsSignals,
+    /// Created at start-up so that what start-up loads (certificates) can
+    /// register its figures; `run` shares them.
+    pub metrics: Metrics,
     proxy: TcpListener,
     admin: TcpListener,
     /// The bound addresses (a port 0 in the flags is resolved here).
@@ -87,6 +91,7 @@ pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
     let admin = bind("--admin-listen", config.admin_listen)?;
     Ok(Bound {
         signals,
+        metrics: Metrics::new(),
         proxy_addr: proxy.local_addr().unwrap_or(config.listen),
         admin_addr: admin.local_addr().unwrap_or(config.admin_listen),
         proxy,
@@ -109,9 +114,20 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
     let (proxy_listener, admin_listener) = (bound.proxy, bound.admin);
     let (proxy_addr, admin_addr) = (bound.proxy_addr, bound.admin_addr);
 
-    let mut metrics = Metrics::new();
+    let mut metrics = bound.metrics;
+    // Certificates are re-read when their files change and on SIGHUP; the
+    // tasks doing it are owned here and stopped at exit.
+    let tls_reload = ReloadSignal::new();
+    let tls_watchers = TaskTracker::new();
+    let stop_watchers = CancellationToken::new();
     if let Service::Webhook(injector) = &service {
         injector.metrics.register(metrics.registry_mut());
+        tls_watchers.spawn(tls::watch_files(
+            injector.certificate().clone(),
+            tls_reload.subscribe(),
+            tls::DEFAULT_POLL_INTERVAL,
+            stop_watchers.clone(),
+        ));
     }
     let lifecycle = Arc::new(DrainState::new(metrics));
     let connections = TaskTracker::new();
@@ -182,6 +198,7 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
         lifecycle: &lifecycle,
         events,
         logs,
+        tls_reload,
         force_on_signal: false,
         // Set when the drain starts.
         deadline: Instant::now() + config.drain_timeout,
@@ -231,6 +248,9 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
     if outcome == Outcome::Graceful {
         driver.linger().await;
     }
+    stop_watchers.cancel();
+    tls_watchers.close();
+    tls_watchers.wait().await;
     // The admin server goes last: /metrics and /ready answered until the end.
     admin.shutdown(CLOSE_GRACE).await;
     drop(signal_task);
@@ -243,6 +263,8 @@ struct Driver<'a> {
     lifecycle: &'a Arc<DrainState>,
     events: mpsc::Receiver<Event>,
     logs: LogReloader,
+    /// SIGHUP also re-reads the certificates.
+    tls_reload: ReloadSignal,
     /// A stop signal forces the exit (true once a signal started the drain).
     force_on_signal: bool,
     /// The hard deadline; moved once the pod's deletionTimestamp is known.
@@ -256,6 +278,7 @@ struct Driver<'a> {
 
 impl<'a> Driver<'a> {
     fn reload(&self) {
+        self.tls_reload.trigger();
         match self.logs.reload() {
             Ok(ReloadOutcome::Applied(filter)) => {
                 tracing::info!(%filter, "SIGHUP: log filter reloaded")
