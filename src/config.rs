@@ -101,6 +101,13 @@ impl LogFormat {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccessLogFormat {
+    Off,
+    Json,
+    Text,
+}
+
 /// The proxy's flags. Each is also read from `LAMEDUCK_<FLAG>`.
 #[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
@@ -219,6 +226,28 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_LOG_LEVEL_FILE")]
     pub log_level_file: Option<PathBuf>,
 
+    /// Access log: one line per request (per connection in TCP mode) after
+    /// its response ends, in JSON or text; on stderr with the other logs
+    /// unless --access-log-file is given. Fields: README "Access log".
+    #[arg(long, env = "LAMEDUCK_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Off)]
+    pub access_log: AccessLogFormat,
+
+    /// Write the access log to this file (appended, created if missing) instead of stderr.
+    #[arg(long, env = "LAMEDUCK_ACCESS_LOG_FILE")]
+    pub access_log_file: Option<PathBuf>,
+
+    /// Keep the query string in the access log's path (it often carries
+    /// tokens or personal data, so it is left out by default).
+    #[arg(long, env = "LAMEDUCK_ACCESS_LOG_QUERY")]
+    pub access_log_query: bool,
+
+    /// Share of new traces (requests without a valid `traceparent`) marked
+    /// sampled, from 0 to 1. A request with a valid `traceparent` keeps the
+    /// caller's decision. 1 % by default: the app and the collector see every
+    /// hundredth root request, which bounds their cost on a busy replica.
+    #[arg(long, env = "LAMEDUCK_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
+    pub trace_sample_ratio: f64,
+
     /// Threads serving traffic; 0 means one per CPU available to the process
     /// (its affinity and cgroup CPU limit). With one, a single-threaded runtime.
     #[arg(long, env = "LAMEDUCK_WORKER_THREADS", default_value_t = 0)]
@@ -287,6 +316,10 @@ pub struct Config {
     pub send_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    pub access_log: AccessLogFormat,
+    pub access_log_file: Option<PathBuf>,
+    pub access_log_query: bool,
+    pub trace_sample_ratio: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -299,6 +332,10 @@ pub enum ConfigError {
     UnresolvableUpstream { name: String, reason: String },
     #[error("--listen and --admin-listen are the same address ({0})")]
     SameListenAddress(SocketAddr),
+    #[error("--trace-sample-ratio {0} is not a ratio from 0 to 1 (e.g. 0.01 for 1 %)")]
+    SampleRatio(f64),
+    #[error("--access-log-file {0} is given but --access-log is off")]
+    AccessLogFileWithoutLog(PathBuf),
 }
 
 impl ProxyArgs {
@@ -329,6 +366,12 @@ impl ProxyArgs {
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(ConfigError::SameListenAddress(self.listen));
         }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(ConfigError::SampleRatio(self.trace_sample_ratio));
+        }
+        if let (AccessLogFormat::Off, Some(path)) = (self.access_log, &self.access_log_file) {
+            return Err(ConfigError::AccessLogFileWithoutLog(path.clone()));
+        }
         let upstream = resolve_upstream(&self.upstream)?;
         Ok(Config {
             listen: self.listen,
@@ -357,6 +400,10 @@ impl ProxyArgs {
             send_timeout: self.send_timeout,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_timeout: self.upstream_timeout,
+            access_log: self.access_log,
+            access_log_file: self.access_log_file,
+            access_log_query: self.access_log_query,
+            trace_sample_ratio: self.trace_sample_ratio,
         })
     }
 }
@@ -447,6 +494,19 @@ mod tests {
         let cli = Cli::parse_from(["lameduck", "--drain-delay", "10s", "--drain-timeout", "5s"]);
         let err = cli.proxy.into_config().unwrap_err().to_string();
         assert!(err.contains("--drain-timeout"), "{err}");
+    }
+
+    #[test]
+    fn the_sample_ratio_is_a_ratio() {
+        for bad in ["1.5", "-0.1", "NaN"] {
+            let flag = format!("--trace-sample-ratio={bad}");
+            let cli = Cli::parse_from(["lameduck", flag.as_str()]);
+            let err = cli.proxy.into_config().unwrap_err().to_string();
+            assert!(err.contains("--trace-sample-ratio"), "{err}");
+        }
+        let cli = Cli::parse_from(["lameduck", "--access-log-file", "/tmp/x"]);
+        let err = cli.proxy.into_config().unwrap_err().to_string();
+        assert!(err.contains("--access-log"), "{err}");
     }
 
     mod props {

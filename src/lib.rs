@@ -13,5 +13,6 @@ pub mod drain_client;
 pub mod kube;
 pub mod lifecycle;
 pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod telemetry;

@@ -223,6 +223,7 @@ pub struct Metrics {
     pub endpoints_serving: Gauge,
     window_end: [Gauge; 4],
     drain_deadline: [Gauge<f64, AtomicU64>; 3],
+    pub access_log_dropped: Counter,
 }
 
 /// Registers a family with one label and returns the handle of each value, in order.
@@ -369,6 +370,12 @@ impl Metrics {
             "source",
             DeadlineSource::ALL.map(DeadlineSource::as_str),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer's queue was full (or writing failed)",
+            access_log_dropped.clone(),
+        );
         let build_info = Family::<Labels, Gauge>::default();
         registry.register("build_info", "Build information", build_info.clone());
         build_info
@@ -396,6 +403,7 @@ impl Metrics {
             endpoints_serving,
             window_end,
             drain_deadline,
+            access_log_dropped,
         }
     }
 

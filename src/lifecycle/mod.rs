@@ -24,13 +24,17 @@ use crate::kube::{DrainEvent, EndpointsReleased, Kube, KubeError, PodFacts};
 use deadline::{DeadlineFacts, drain_deadline};
 
 use crate::admin::AdminServer;
-use crate::config::Config;
+use crate::config::{AccessLogFormat, Config};
 use crate::metrics::{DeadlineSource, Metrics, WindowEnd};
+use crate::observe::Observer;
+use crate::observe::access_log::{self, AccessLog, Destination};
 use crate::proxy::{self, ProxyContext, upstream::Upstream};
 use crate::telemetry::{LogReloader, ReloadOutcome};
 
 /// How long connection tasks get to notice a forced close.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
+/// The least time the access-log writer gets to flush at exit.
+const FLUSH_AT_LEAST: Duration = Duration::from_millis(200);
 /// How long the upstream pool and the admin server get to close.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Readiness probe of the app: how often while it is up, and while it is down.
@@ -49,6 +53,11 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error("--kubernetes on: {0}")]
     Kubernetes(KubeError),
+    #[error("cannot open --access-log-file {path}: {source}")]
+    AccessLogFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -76,6 +85,8 @@ pub struct Bound {
     /// The bound addresses (a port 0 in the flags is resolved here).
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Where the access log goes, opened here so a bad path fails start-up.
+    access_log: Option<Destination>,
 }
 
 /// Must be called inside the runtime (signal handlers register with it).
@@ -84,7 +95,19 @@ pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
     crate::kube::precheck(&config.kube).map_err(StartError::Kubernetes)?;
     let proxy = bind("--listen", config.listen)?;
     let admin = bind("--admin-listen", config.admin_listen)?;
+    let access_log = match config.access_log {
+        AccessLogFormat::Off => None,
+        _ => Some(
+            Destination::open(config.access_log_file.as_ref()).map_err(|source| {
+                StartError::AccessLogFile {
+                    path: config.access_log_file.clone().unwrap_or_default(),
+                    source,
+                }
+            })?,
+        ),
+    };
     Ok(Bound {
+        access_log,
         signals,
         proxy_addr: proxy.local_addr().unwrap_or(config.listen),
         admin_addr: admin.local_addr().unwrap_or(config.admin_listen),
@@ -113,13 +136,17 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
     );
     let admin = AdminServer::start(admin_listener, lifecycle.clone(), events_tx);
 
+    let observability = Observability::start(&config, bound.access_log, &lifecycle.metrics);
     let connections = TaskTracker::new();
-    let ctx = Arc::new(ProxyContext::new(
-        config.clone(),
-        lifecycle.clone(),
-        upstream.clone(),
-        connections.clone(),
-    ));
+    let ctx = Arc::new(
+        ProxyContext::new(
+            config.clone(),
+            lifecycle.clone(),
+            upstream.clone(),
+            connections.clone(),
+        )
+        .with_observer(observability.observer.clone()),
+    );
     let accept_loop = tokio::spawn(proxy::serve(proxy_listener, ctx));
     let probe_stop = CancellationToken::new();
     let probe = tokio::spawn(probe_upstream(
@@ -164,6 +191,8 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
     probe_stop.cancel();
     let _ = probe.await;
     upstream.close(CLOSE_GRACE).await;
+    // Every request has ended: what they logged is queued; write it out.
+    observability.finish(driver.deadline).await;
 
     let summary = lifecycle.finish_drain(outcome);
     tracing::info!(
@@ -192,6 +221,56 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
     admin.shutdown(CLOSE_GRACE).await;
     drop(signal_task);
     outcome
+}
+
+/// The access-log writer (and span exporter): started before the proxy
+/// serves, finished after its connections are done.
+struct Observability {
+    observer: Observer,
+    stop: CancellationToken,
+    writer: Option<AbortOnDrop>,
+}
+
+impl Observability {
+    fn start(config: &Config, destination: Option<Destination>, metrics: &Metrics) -> Self {
+        let mut observer = Observer::off(config.trace_sample_ratio);
+        let stop = CancellationToken::new();
+        let format = match config.access_log {
+            AccessLogFormat::Json => Some(access_log::Format::Json),
+            AccessLogFormat::Text => Some(access_log::Format::Text),
+            AccessLogFormat::Off => None,
+        };
+        let writer = match (format, destination) {
+            (Some(format), Some(destination)) => {
+                let dropped = metrics.access_log_dropped.clone();
+                let (log, writer) = AccessLog::new(format, config.access_log_query, dropped);
+                observer.access_log = Some(log);
+                Some(AbortOnDrop(tokio::spawn(
+                    writer.run(destination, stop.clone()),
+                )))
+            }
+            _ => None,
+        };
+        Observability {
+            observer,
+            stop,
+            writer,
+        }
+    }
+
+    /// Writes what is queued, within the drain deadline (at least a moment,
+    /// so a forced exit still gets the lines of what it forced).
+    async fn finish(self, deadline: Instant) {
+        self.stop.cancel();
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(FLUSH_AT_LEAST, CLOSE_GRACE);
+        if let Some(writer) = self.writer
+            && timeout(budget, writer.join()).await.is_err()
+        {
+            tracing::warn!("access log not flushed in time at exit");
+        }
+    }
 }
 
 /// The part of `run` that reacts to events while time passes.
