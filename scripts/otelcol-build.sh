@@ -52,7 +52,16 @@ YAML
 # the proxy (403). `go build -mod=mod` resolves just what is compiled.
 "$WORK/bin/builder" --config "$WORK/builder.yaml" --skip-get-modules --skip-compilation >"$WORK/build.log" 2>&1 \
   || { tail -40 "$WORK/build.log" >&2; die "the collector sources could not be generated"; }
-(cd "$WORK/dist" && go build -trimpath -ldflags="-s -w" -o otelcol-lameduck . ) >>"$WORK/build.log" 2>&1 \
+(
+  cd "$WORK/dist"
+  [[ -f go.mod ]] || go mod init otelcol-lameduck
+  # `go get` (unlike `go mod tidy`) resolves only the packages built; the
+  # pinned components pull the matching collector core by their go.mod.
+  go get "go.opentelemetry.io/collector/otelcol@$VERSION" \
+    "go.opentelemetry.io/collector/receiver/otlpreceiver@$VERSION" \
+    "github.com/open-telemetry/opentelemetry-collector-contrib/exporter/fileexporter@$VERSION"
+  go build -trimpath -ldflags="-s -w" -o otelcol-lameduck .
+) >>"$WORK/build.log" 2>&1 \
   || { tail -40 "$WORK/build.log" >&2; die "the collector build failed"; }
 install -m 0755 "$WORK/dist/otelcol-lameduck" "$BIN"
 "$BIN" components >/dev/null || die "the built collector does not start"
