@@ -248,6 +248,13 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
     pub trace_sample_ratio: f64,
 
+    /// Send OpenTelemetry spans (one per sampled request, one per drain) to
+    /// this OTLP/HTTP collector, e.g. http://otel-collector:4318 (the path
+    /// /v1/traces is added when none is given). Cleartext: point it at a
+    /// collector or agent on the node or in the pod.
+    #[arg(long, env = "LAMEDUCK_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Threads serving traffic; 0 means one per CPU available to the process
     /// (its affinity and cgroup CPU limit). With one, a single-threaded runtime.
     #[arg(long, env = "LAMEDUCK_WORKER_THREADS", default_value_t = 0)]
@@ -320,6 +327,7 @@ pub struct Config {
     pub access_log_file: Option<PathBuf>,
     pub access_log_query: bool,
     pub trace_sample_ratio: f64,
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -336,6 +344,10 @@ pub enum ConfigError {
     SampleRatio(f64),
     #[error("--access-log-file {0} is given but --access-log is off")]
     AccessLogFileWithoutLog(PathBuf),
+    #[error(
+        "--otlp-endpoint {0:?} is not an http:// URL with a host (e.g. http://otel-collector:4318)"
+    )]
+    OtlpEndpoint(String),
 }
 
 impl ProxyArgs {
@@ -372,6 +384,12 @@ impl ProxyArgs {
         if let (AccessLogFormat::Off, Some(path)) = (self.access_log, &self.access_log_file) {
             return Err(ConfigError::AccessLogFileWithoutLog(path.clone()));
         }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let uri: Option<http::Uri> = endpoint.parse().ok();
+            if uri.is_none_or(|u| u.scheme_str() != Some("http") || u.host().is_none()) {
+                return Err(ConfigError::OtlpEndpoint(endpoint.clone()));
+            }
+        }
         let upstream = resolve_upstream(&self.upstream)?;
         Ok(Config {
             listen: self.listen,
@@ -404,6 +422,7 @@ impl ProxyArgs {
             access_log_file: self.access_log_file,
             access_log_query: self.access_log_query,
             trace_sample_ratio: self.trace_sample_ratio,
+            otlp_endpoint: self.otlp_endpoint,
         })
     }
 }
@@ -503,6 +522,11 @@ mod tests {
             let cli = Cli::parse_from(["lameduck", flag.as_str()]);
             let err = cli.proxy.into_config().unwrap_err().to_string();
             assert!(err.contains("--trace-sample-ratio"), "{err}");
+        }
+        for bad in ["https://c:4318", "c:4318", "http://"] {
+            let cli = Cli::parse_from(["lameduck", "--otlp-endpoint", bad]);
+            let err = cli.proxy.into_config().unwrap_err().to_string();
+            assert!(err.contains("--otlp-endpoint"), "{bad}: {err}");
         }
         let cli = Cli::parse_from(["lameduck", "--access-log-file", "/tmp/x"]);
         let err = cli.proxy.into_config().unwrap_err().to_string();

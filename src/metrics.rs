@@ -224,6 +224,8 @@ pub struct Metrics {
     window_end: [Gauge; 4],
     drain_deadline: [Gauge<f64, AtomicU64>; 3],
     pub access_log_dropped: Counter,
+    /// exported, failed, dropped.
+    pub otlp_spans: [Counter; 3],
 }
 
 /// Registers a family with one label and returns the handle of each value, in order.
@@ -376,6 +378,13 @@ impl Metrics {
             "Access-log lines dropped because the writer's queue was full (or writing failed)",
             access_log_dropped.clone(),
         );
+        let otlp_spans = labelled(
+            &mut registry,
+            "otlp_spans",
+            "Spans for --otlp-endpoint: exported, failed (collector unreachable or refusing), dropped (queue full)",
+            "result",
+            ["exported", "failed", "dropped"],
+        );
         let build_info = Family::<Labels, Gauge>::default();
         registry.register("build_info", "Build information", build_info.clone());
         build_info
@@ -404,6 +413,7 @@ impl Metrics {
             window_end,
             drain_deadline,
             access_log_dropped,
+            otlp_spans,
         }
     }
 

@@ -28,8 +28,11 @@ use crate::config::{AccessLogFormat, Config};
 use crate::metrics::{DeadlineSource, Metrics, WindowEnd};
 use crate::observe::Observer;
 use crate::observe::access_log::{self, AccessLog, Destination};
+use crate::observe::otlp::{self, SpanCounters, SpanSink, TimelineEvent};
 use crate::proxy::{self, ProxyContext, upstream::Upstream};
 use crate::telemetry::{LogReloader, ReloadOutcome};
+use opentelemetry::KeyValue;
+use std::sync::Mutex;
 
 /// How long connection tasks get to notice a forced close.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
@@ -177,6 +180,7 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
         kube_connect: Some(kube_connect),
         kube: None,
         kube_tasks: &kube_tasks,
+        timeline: Mutex::new(Vec::new()),
     };
     let trigger = driver.wait_for_drain_request().await;
     let outcome = driver.drain(trigger).await;
@@ -191,9 +195,6 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
     probe_stop.cancel();
     let _ = probe.await;
     upstream.close(CLOSE_GRACE).await;
-    // Every request has ended: what they logged is queued; write it out.
-    observability.finish(driver.deadline).await;
-
     let summary = lifecycle.finish_drain(outcome);
     tracing::info!(
         outcome = summary.outcome.as_str(),
@@ -204,6 +205,17 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
         exit_code = summary.exit_code,
         "drain complete"
     );
+    // Every request has ended, so what they logged and traced is queued:
+    // add the drain's span and write it all out.
+    driver.mark(
+        "drained",
+        vec![KeyValue::new(
+            "lameduck.drain.outcome",
+            summary.outcome.as_str(),
+        )],
+    );
+    observability.submit_drain_span(&lifecycle, &summary, driver.take_timeline());
+    observability.finish(driver.deadline).await;
     // Then the Kubernetes part: the drain's last Event, and the ones still
     // being published.
     driver.publish_outcome(&summary).await;
@@ -229,6 +241,8 @@ struct Observability {
     observer: Observer,
     stop: CancellationToken,
     writer: Option<AbortOnDrop>,
+    spans: Option<SpanSink>,
+    exporter: Option<AbortOnDrop>,
 }
 
 impl Observability {
@@ -251,11 +265,74 @@ impl Observability {
             }
             _ => None,
         };
+        let exporter = config.otlp_endpoint.as_deref().and_then(|endpoint| {
+            let [exported, failed, dropped] = metrics.otlp_spans.clone();
+            let counters = SpanCounters {
+                exported,
+                failed,
+                dropped,
+            };
+            let resource = otlp::resource(
+                config.kube.pod_name.as_deref(),
+                config.kube.pod_namespace.as_deref(),
+            );
+            match otlp::start(endpoint, resource, counters) {
+                Ok((sink, exporter)) => {
+                    observer.spans = Some(sink);
+                    Some(AbortOnDrop(tokio::spawn(exporter.run(stop.clone()))))
+                }
+                Err(error) => {
+                    // Never fatal: serving matters more than tracing.
+                    tracing::warn!(%error, "OTLP export disabled");
+                    None
+                }
+            }
+        });
         Observability {
+            spans: observer.spans.clone(),
             observer,
             stop,
             writer,
+            exporter,
         }
+    }
+
+    /// One span for the drain, from its start to now, with its timeline.
+    fn submit_drain_span(
+        &self,
+        lifecycle: &DrainState,
+        summary: &DrainSummary,
+        timeline: Vec<TimelineEvent>,
+    ) {
+        let (Some(spans), Some(started_ms)) = (&self.spans, lifecycle.drain_started_unix_ms())
+        else {
+            return;
+        };
+        let started = SystemTime::UNIX_EPOCH + Duration::from_millis(started_ms);
+        let attributes = vec![
+            KeyValue::new("lameduck.drain.outcome", summary.outcome.as_str()),
+            KeyValue::new(
+                "lameduck.drain.requests_during_drain",
+                summary.requests_during_drain as i64,
+            ),
+            KeyValue::new(
+                "lameduck.drain.connections_graceful",
+                summary.connections_graceful as i64,
+            ),
+            KeyValue::new(
+                "lameduck.drain.connections_forced",
+                summary.connections_forced as i64,
+            ),
+            KeyValue::new("lameduck.drain.exit_code", i64::from(summary.exit_code)),
+        ];
+        let failed = summary.outcome != Outcome::Graceful;
+        spans.submit(otlp::drain_span(
+            started,
+            SystemTime::now(),
+            timeline,
+            attributes,
+            failed,
+        ));
     }
 
     /// Writes what is queued, within the drain deadline (at least a moment,
@@ -265,10 +342,23 @@ impl Observability {
         let budget = deadline
             .saturating_duration_since(Instant::now())
             .clamp(FLUSH_AT_LEAST, CLOSE_GRACE);
-        if let Some(writer) = self.writer
-            && timeout(budget, writer.join()).await.is_err()
+        let writer = async {
+            if let Some(writer) = self.writer {
+                writer.join().await;
+            }
+        };
+        let exporter = async {
+            if let Some(exporter) = self.exporter {
+                exporter.join().await;
+            }
+        };
+        // Both at once: a collector that does not answer must not cost the
+        // access log its flush.
+        if timeout(budget, async { tokio::join!(writer, exporter) })
+            .await
+            .is_err()
         {
-            tracing::warn!("access log not flushed in time at exit");
+            tracing::warn!("access log or spans not flushed in time at exit");
         }
     }
 }
@@ -288,9 +378,28 @@ struct Driver<'a> {
     kube_connect: Option<AbortOnDrop<Result<Option<Kube>, KubeError>>>,
     kube: Option<Kube>,
     kube_tasks: &'a TaskTracker,
+    /// The drain's steps, for its span (`--otlp-endpoint`).
+    timeline: Mutex<Vec<TimelineEvent>>,
 }
 
 impl<'a> Driver<'a> {
+    fn mark(&self, name: &'static str, attributes: Vec<KeyValue>) {
+        let event = TimelineEvent {
+            at: SystemTime::now(),
+            name,
+            attributes,
+        };
+        // Never contended: the driver is one task; a poisoned Vec is still a Vec.
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event);
+    }
+
+    fn take_timeline(&self) -> Vec<TimelineEvent> {
+        std::mem::take(&mut *self.timeline.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn reload(&self) {
         match self.logs.reload() {
             Ok(ReloadOutcome::Applied(filter)) => {
@@ -363,7 +472,18 @@ impl<'a> Driver<'a> {
             Ok(facts) => facts,
             Err(outcome) => return self.force(outcome).await,
         };
+        self.mark(
+            "drain started",
+            vec![KeyValue::new("lameduck.drain.trigger", trigger)],
+        );
         self.set_deadline(started, facts.as_ref());
+        self.mark(
+            "deadline set",
+            vec![KeyValue::new(
+                "lameduck.drain.deadline_source",
+                self.deadline_source.as_str(),
+            )],
+        );
         self.publish(DrainEvent::started(format!(
             "{trigger}: lame-duck window at most {} (ends once no EndpointSlice routes here, + {}); deadline {} ({})",
             humantime::format_duration(self.config.drain_delay),
@@ -376,6 +496,10 @@ impl<'a> Driver<'a> {
             Err(outcome) => return self.force(outcome).await,
         };
         lifecycle.metrics.set_window_end(reason);
+        self.mark(
+            "lame-duck window ended",
+            vec![KeyValue::new("lameduck.drain.window_end", reason.as_str())],
+        );
         lifecycle.set_phase(Phase::Closing);
         lifecycle.tokens.stop_accepting.cancel();
         tracing::info!(
@@ -537,6 +661,16 @@ impl<'a> Driver<'a> {
     async fn force(&self, outcome: Outcome) -> Outcome {
         let lifecycle = self.lifecycle;
         lifecycle.set_phase(Phase::Forcing);
+        self.mark(
+            "forcing",
+            vec![
+                KeyValue::new("lameduck.drain.outcome", outcome.as_str()),
+                KeyValue::new(
+                    "lameduck.connections_active",
+                    lifecycle.connections.active() as i64,
+                ),
+            ],
+        );
         tracing::warn!(
             reason = outcome.as_str(),
             connections_active = lifecycle.connections.active(),
