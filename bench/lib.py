@@ -249,7 +249,13 @@ def cmd_parse(tool, path, kvs):
 
 # ----------------------------------------------------------------------------- report
 
-TARGET_ORDER = ["direct", "haproxy", "nginx", "lameduck"]
+TARGET_ORDER = ["direct", "haproxy", "nginx", "lameduck", "ld-log", "ld-trace1", "ld-trace100"]
+# lameduck with the access log on, spans sampled at 1 % and at 100 % (to a collector).
+VARIANTS = {
+    "ld-log": "access log on (JSON, to /dev/null)",
+    "ld-trace1": "spans sampled at 1 %, OTLP to a collector",
+    "ld-trace100": "spans sampled at 100 %, OTLP to a collector",
+}
 PEERS = ("haproxy", "nginx")
 
 WORKLOADS = {
@@ -409,8 +415,27 @@ def cmd_report(results_path, meta_path):
         w(f"| {label} | " + " | ".join(fmt_num(vals.get(t), kind) for t in targets) + " |")
     w("")
 
+    variants = [t for t in VARIANTS if t in targets]
+    if variants and "lameduck" in targets:
+        w("### Cost of per-request observability (HTTP/1.1 keep-alive)")
+        w("")
+        w("Ratio to `lameduck` with the access log off and no span export, measured in the same "
+          "rounds (interleaved). Throughput: below 1.00× is slower; CPU per request: above 1.00× is more.")
+        w("")
+        w("| variant | (a) req/s | ratio | CPU s per 100k req | ratio |")
+        w("|---|---:|---:|---:|---:|")
+        rps = next((v for label, _, _, v, *_ in rows if label.startswith("(a)")), {})
+        cpu = next((v for label, _, _, v, *_ in rows if label == "CPU s per 100k req, (a)"), {})
+        w(f"| lameduck (both off) | {fmt_num(rps.get('lameduck'), 'rps')} | 1.00× "
+          f"| {fmt_num(cpu.get('lameduck'), 'cpu')} | 1.00× |")
+        for t in variants:
+            w(f"| {t}: {VARIANTS[t]} | {fmt_num(rps.get(t), 'rps')} "
+              f"| {fmt_ratio(ratio(rps.get(t), rps.get('lameduck')))} "
+              f"| {fmt_num(cpu.get(t), 'cpu')} | {fmt_ratio(ratio(cpu.get(t), cpu.get('lameduck')))} |")
+        w("")
+
     peers = [t for t in PEERS if t in targets]
-    show = [t for t in targets if t != "direct"]
+    show = [t for t in targets if t != "direct" and t not in VARIANTS]
     if peers or "direct" in targets:
         w("Ratios: **vs best peer** = value ÷ the better of HAProxy/nginx for that figure "
           "(higher is better for throughput rows, lower is better for latency/CPU/RSS rows); "

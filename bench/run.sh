@@ -7,7 +7,10 @@
 #
 # Knobs (environment):
 #   ROUNDS=3 DURATION=10      rounds and seconds per load run (QUICK=1: 1 and 3)
-#   TARGETS="direct haproxy nginx lameduck"
+#   TARGETS="direct haproxy nginx lameduck"   (+ ld-log ld-trace1 ld-trace100: lameduck with
+#                             the access log on / spans sampled at 1 % and 100 % to a real
+#                             OpenTelemetry Collector; h1 workload only, reported as ratios to
+#                             `lameduck` with both off)
 #   WORKLOADS="h1 close h2 big tcp rate idle drain"   (a b c d e g f + lameduck drain timings)
 #   RATE=5000                 fixed request rate of the latency workload (g)
 #   IDLE_CONNS=10000          connections of the idle-RSS workload (f) and the 10k drain runs
@@ -64,7 +67,8 @@ for v in ROUNDS DURATION RATE IDLE_CONNS BIG_CONNS BASE_PORT; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive integer (got '${!v}')"
 done
 for t in $TARGETS; do
-    case $t in direct|haproxy|nginx|lameduck) ;; *) die "unknown target '$t' (direct haproxy nginx lameduck)";; esac
+    case $t in direct|haproxy|nginx|lameduck|ld-log|ld-trace1|ld-trace100) ;;
+    *) die "unknown target '$t' (direct haproxy nginx lameduck ld-log ld-trace1 ld-trace100)";; esac
 done
 for w in $WORKLOADS; do
     case $w in h1|close|h2|big|tcp|rate|idle|drain) ;; *) die "unknown workload '$w' (h1 close h2 big tcp rate idle drain)";; esac
@@ -198,8 +202,12 @@ ensure_tools() {
     if [[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]]; then NGINX_STREAM=1; else NGINX_STREAM=0; fi
 }
 
+# Any lameduck target (the plain one or an observability variant).
+any_lameduck() { [[ " $TARGETS " == *" lameduck "* || " $TARGETS " == *" ld-"* ]]; }
+any_trace() { [[ " $TARGETS " == *" ld-trace"* ]]; }
+
 ensure_lameduck() {
-    has "$TARGETS" lameduck || return 0
+    any_lameduck || return 0
     if [[ $BUILD == 1 ]]; then
         log "cargo build --release (no-op when up to date)"
         (cd "$REPO_DIR" && cargo build --release --quiet) >&2 || die "cargo build --release failed"
@@ -212,6 +220,10 @@ UP_H1=$BASE_PORT;            UP_H2=$((BASE_PORT + 1))
 HA_H1=$((BASE_PORT + 10));   HA_H2=$((BASE_PORT + 11));   HA_TCP=$((BASE_PORT + 12))
 NG_H1=$((BASE_PORT + 20));   NG_H2=$((BASE_PORT + 21));   NG_TCP=$((BASE_PORT + 22))
 LD_HTTP=$((BASE_PORT + 30)); LD_ADMIN=$((BASE_PORT + 31)); LD_TCP=$((BASE_PORT + 32)); LD_TCP_ADMIN=$((BASE_PORT + 33))
+# Observability variants of lameduck (HTTP port, admin port) and the collector they export to.
+declare -A VAR_HTTP=([ld-log]=$((BASE_PORT + 40)) [ld-trace1]=$((BASE_PORT + 42)) [ld-trace100]=$((BASE_PORT + 44)))
+declare -A VAR_ADMIN=([ld-log]=$((BASE_PORT + 41)) [ld-trace1]=$((BASE_PORT + 43)) [ld-trace100]=$((BASE_PORT + 45)))
+OTELCOL_PORT=$((BASE_PORT + 46))
 
 render() {  # render TEMPLATE OUT
     local stream_load="" stream_block="" note="not available: TCP workload skipped for nginx"
@@ -301,19 +313,64 @@ start_target() {
         fi
         wait_port "$LD_HTTP" || die "lameduck did not start: $(cat "$TMP/lameduck-http.log")"
         ;;
+    ld-*)
+        local extra=()
+        case $1 in
+        # To /dev/null: the cost of making, queueing, formatting and writing each line,
+        # without a disk in the figure (a container's stdout pipe would cost more).
+        ld-log) extra=(--access-log json --access-log-file /dev/null) ;;
+        ld-trace1) extra=(--otlp-endpoint "http://127.0.0.1:$OTELCOL_PORT" --trace-sample-ratio 0.01) ;;
+        ld-trace100) extra=(--otlp-endpoint "http://127.0.0.1:$OTELCOL_PORT" --trace-sample-ratio 1) ;;
+        esac
+        start_bg taskset -c "$PROXY_CPU" "$LAMEDUCK_BIN" --listen "127.0.0.1:${VAR_HTTP[$1]}" \
+            --admin-listen "127.0.0.1:${VAR_ADMIN[$1]}" --upstream "127.0.0.1:$UP_H1" --log-level warn \
+            "${extra[@]}" 2>"$TMP/$1.log"
+        TPID[$1]=$BG_PID
+        wait_port "${VAR_HTTP[$1]}" || die "$1 did not start: $(cat "$TMP/$1.log")"
+        ;;
     esac
+}
+
+# The OpenTelemetry Collector the ld-trace* variants export to: OTLP receiver, file exporter
+# to /dev/null, on the upstream's CPU (it is part of the environment, like the upstream).
+start_collector() {
+    any_trace || return 0
+    local bin
+    bin=${OTELCOL_BIN:-$(bash "$REPO_DIR/scripts/otelcol-build.sh")} || die "cannot build the collector"
+    cat >"$TMP/otelcol.yaml" <<YAML
+receivers:
+  otlp:
+    protocols:
+      http:
+        endpoint: 127.0.0.1:$OTELCOL_PORT
+exporters:
+  file:
+    path: /dev/null
+service:
+  telemetry:
+    metrics:
+      level: none
+  pipelines:
+    traces:
+      receivers: [otlp]
+      exporters: [file]
+YAML
+    start_bg taskset -c "$UPSTREAM_CPU" "$bin" --config "$TMP/otelcol.yaml" >"$TMP/otelcol.log" 2>&1
+    COLLECTOR_PID=$BG_PID
+    wait_port "$OTELCOL_PORT" 20 || die "the collector did not start: $(tail -5 "$TMP/otelcol.log")"
 }
 
 stop_target() {
     case $1 in
     direct) kill_tree "${TPID[direct]}"; forget_pid "${TPID[direct]}" ;;
     lameduck) kill_tree "${TPID[lameduck]}" $LD_TCP_PID; forget_pid "${TPID[lameduck]}" $LD_TCP_PID; LD_TCP_PID="" ;;
+    ld-*) kill_tree "${TPID[$1]}"; forget_pid "${TPID[$1]}" ;;
     *) kill_tree "${TPID[$1]}"; forget_pid "${TPID[$1]}" ;;
     esac
 }
 
-h1_port() { case $1 in direct) echo "$UP_H1";; haproxy) echo "$HA_H1";; nginx) echo "$NG_H1";; lameduck) echo "$LD_HTTP";; esac; }
-h2_port() { case $1 in direct) echo "$UP_H2";; haproxy) echo "$HA_H2";; nginx) echo "$NG_H2";; lameduck) echo "$LD_HTTP";; esac; }
+h1_port() { case $1 in direct) echo "$UP_H1";; haproxy) echo "$HA_H1";; nginx) echo "$NG_H1";; lameduck) echo "$LD_HTTP";; ld-*) echo "${VAR_HTTP[$1]}";; esac; }
+h2_port() { case $1 in direct) echo "$UP_H2";; haproxy) echo "$HA_H2";; nginx) echo "$NG_H2";; lameduck) echo "$LD_HTTP";; ld-*) echo "${VAR_HTTP[$1]}";; esac; }
 tcp_port() {
     case $1 in
     direct) echo "$UP_H1";; haproxy) echo "$HA_TCP";; lameduck) echo "$LD_TCP";;
@@ -348,6 +405,10 @@ run_one() {   # run_one ROUND WORKLOAD TARGET [IS_RETRY]
     *) port=$(h1_port "$t") ;;
     esac
     if [[ -z $port ]]; then
+        return 0
+    fi
+    # The observability variants are measured on HTTP/1.1 keep-alive only.
+    if [[ $t == ld-* && $w != h1 ]]; then
         return 0
     fi
     url="http://127.0.0.1:$port/"
@@ -430,7 +491,8 @@ main() {
     fi
     if ((NOFILE > 65536)); then NOFILE=65536; fi
 
-    for p in $UP_H1 $UP_H2 $HA_H1 $HA_H2 $HA_TCP $NG_H1 $NG_H2 $NG_TCP $LD_HTTP $LD_ADMIN $LD_TCP $LD_TCP_ADMIN; do
+    for p in $UP_H1 $UP_H2 $HA_H1 $HA_H2 $HA_TCP $NG_H1 $NG_H2 $NG_TCP $LD_HTTP $LD_ADMIN $LD_TCP $LD_TCP_ADMIN \
+        "${VAR_HTTP[@]}" "${VAR_ADMIN[@]}" $OTELCOL_PORT; do
         port_busy "$p" && die "port $p is in use (set BASE_PORT=...)"
     done
 
@@ -438,7 +500,7 @@ main() {
     chmod 755 "$TMP"   # nginx workers run as an unprivileged user and must read www/1m
     # Run a private copy: a `cargo build` during the run must not swap the binary under us.
     LAMEDUCK_DESC=""
-    if has "$TARGETS" lameduck; then
+    if any_lameduck; then
         LAMEDUCK_DESC="$LAMEDUCK_BIN (built $(date -r "$LAMEDUCK_BIN" '+%F %T'), sha256 $(sha256sum "$LAMEDUCK_BIN" | cut -c1-12); repo HEAD $(cd "$REPO_DIR" && git rev-parse --short HEAD 2>/dev/null || echo 'none')$(cd "$REPO_DIR" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' + uncommitted changes in src'))"
         cp "$LAMEDUCK_BIN" "$TMP/lameduck"
         LAMEDUCK_BIN=$TMP/lameduck
@@ -457,6 +519,7 @@ main() {
         "nginx stream module not available: TCP workload (e) skipped for nginx" >>"$RESULTS"
 
     start_upstream
+    start_collector
     for t in "${tlist[@]}"; do start_target "$t"; done
     for t in "${tlist[@]}"; do
         warm_up "$t"

@@ -103,6 +103,13 @@ impl LogFormat {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccessLogFormat {
+    Off,
+    Json,
+    Text,
+}
+
 /// The proxy's flags. Each is also read from `LAMEDUCK_<FLAG>`.
 #[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
@@ -221,6 +228,35 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_LOG_LEVEL_FILE")]
     pub log_level_file: Option<PathBuf>,
 
+    /// Access log: one line per request (per connection in TCP mode) after
+    /// its response ends, in JSON or text; on stderr with the other logs
+    /// unless --access-log-file is given. Fields: README "Access log".
+    #[arg(long, env = "LAMEDUCK_ACCESS_LOG", value_enum, default_value_t = AccessLogFormat::Off)]
+    pub access_log: AccessLogFormat,
+
+    /// Write the access log to this file (appended, created if missing) instead of stderr.
+    #[arg(long, env = "LAMEDUCK_ACCESS_LOG_FILE")]
+    pub access_log_file: Option<PathBuf>,
+
+    /// Keep the query string in the access log's path (it often carries
+    /// tokens or personal data, so it is left out by default).
+    #[arg(long, env = "LAMEDUCK_ACCESS_LOG_QUERY")]
+    pub access_log_query: bool,
+
+    /// Share of new traces (requests without a valid `traceparent`) marked
+    /// sampled, from 0 to 1. A request with a valid `traceparent` keeps the
+    /// caller's decision. 1 % by default: the app and the collector see every
+    /// hundredth root request, which bounds their cost on a busy replica.
+    #[arg(long, env = "LAMEDUCK_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
+    pub trace_sample_ratio: f64,
+
+    /// Send OpenTelemetry spans (one per sampled request, one per drain) to
+    /// this OTLP/HTTP collector, e.g. http://otel-collector:4318 (the path
+    /// /v1/traces is added when none is given). Cleartext: point it at a
+    /// collector or agent on the node or in the pod.
+    #[arg(long, env = "LAMEDUCK_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Threads serving traffic; 0 means one per CPU available to the process
     /// (its affinity and cgroup CPU limit). With one, a single-threaded runtime.
     #[arg(long, env = "LAMEDUCK_WORKER_THREADS", default_value_t = 0)]
@@ -326,34 +362,24 @@ impl InjectArgs {
     /// (upstream, mode, body and tunnel timeouts) keep the proxy's defaults
     /// and are never read: the lifecycle builds no upstream for the webhook.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let proxy = ProxyArgs {
-            listen: self.listen,
-            upstream: "127.0.0.1:8080".to_owned(),
-            mode: Mode::Http,
-            upstream_protocol: UpstreamProtocol::Http1,
-            admin_listen: self.admin_listen,
-            drain_delay: self.drain_delay,
-            drain_timeout: self.drain_timeout,
-            kubernetes: self.kubernetes,
-            pod_name: self.pod_name,
-            pod_namespace: self.pod_namespace,
-            endpoint_propagation_margin: Duration::from_secs(2),
-            deadline_margin: Duration::from_secs(2),
-            kube_api_timeout: Duration::from_secs(2),
-            metrics_linger: self.metrics_linger,
-            max_connections: self.max_connections,
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(120),
-            tunnel_idle_timeout: Duration::from_secs(3600),
-            body_read_timeout: Duration::from_secs(10),
-            send_timeout: Duration::from_secs(10),
-            upstream_connect_timeout: Duration::from_secs(2),
-            upstream_timeout: Duration::from_secs(60),
-            log_format: self.log_format,
-            log_level: self.log_level,
-            log_level_file: None,
-            worker_threads: 1,
-        };
+        // The proxy's defaults (and LAMEDUCK_* environment), then the
+        // injector's own values on top.
+        let mut proxy = Cli::try_parse_from(["lameduck"])
+            .map_err(|e| ConfigError::Environment(e.to_string().trim().to_owned()))?
+            .proxy;
+        proxy.listen = self.listen;
+        proxy.admin_listen = self.admin_listen;
+        proxy.drain_delay = self.drain_delay;
+        proxy.drain_timeout = self.drain_timeout;
+        proxy.kubernetes = self.kubernetes;
+        proxy.pod_name = self.pod_name;
+        proxy.pod_namespace = self.pod_namespace;
+        proxy.metrics_linger = self.metrics_linger;
+        proxy.max_connections = self.max_connections;
+        proxy.log_format = self.log_format;
+        proxy.log_level = self.log_level;
+        proxy.log_level_file = None;
+        proxy.worker_threads = 1;
         proxy.into_config()
     }
 }
@@ -388,6 +414,11 @@ pub struct Config {
     pub send_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    pub access_log: AccessLogFormat,
+    pub access_log_file: Option<PathBuf>,
+    pub access_log_query: bool,
+    pub trace_sample_ratio: f64,
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -398,8 +429,18 @@ pub enum ConfigError {
     ZeroDuration { flag: &'static str },
     #[error("--upstream {name:?} could not be resolved: {reason}")]
     UnresolvableUpstream { name: String, reason: String },
+    #[error("the environment: {0}")]
+    Environment(String),
     #[error("--listen and --admin-listen are the same address ({0})")]
     SameListenAddress(SocketAddr),
+    #[error("--trace-sample-ratio {0} is not a ratio from 0 to 1 (e.g. 0.01 for 1 %)")]
+    SampleRatio(f64),
+    #[error("--access-log-file {0} is given but --access-log is off")]
+    AccessLogFileWithoutLog(PathBuf),
+    #[error(
+        "--otlp-endpoint {0:?} is not an http:// URL with a host (e.g. http://otel-collector:4318)"
+    )]
+    OtlpEndpoint(String),
 }
 
 impl ProxyArgs {
@@ -430,6 +471,18 @@ impl ProxyArgs {
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(ConfigError::SameListenAddress(self.listen));
         }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(ConfigError::SampleRatio(self.trace_sample_ratio));
+        }
+        if let (AccessLogFormat::Off, Some(path)) = (self.access_log, &self.access_log_file) {
+            return Err(ConfigError::AccessLogFileWithoutLog(path.clone()));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let uri: Option<http::Uri> = endpoint.parse().ok();
+            if uri.is_none_or(|u| u.scheme_str() != Some("http") || u.host().is_none()) {
+                return Err(ConfigError::OtlpEndpoint(endpoint.clone()));
+            }
+        }
         let upstream = resolve_upstream(&self.upstream)?;
         Ok(Config {
             listen: self.listen,
@@ -458,6 +511,11 @@ impl ProxyArgs {
             send_timeout: self.send_timeout,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_timeout: self.upstream_timeout,
+            access_log: self.access_log,
+            access_log_file: self.access_log_file,
+            access_log_query: self.access_log_query,
+            trace_sample_ratio: self.trace_sample_ratio,
+            otlp_endpoint: self.otlp_endpoint,
         })
     }
 }
@@ -548,6 +606,24 @@ mod tests {
         let cli = Cli::parse_from(["lameduck", "--drain-delay", "10s", "--drain-timeout", "5s"]);
         let err = cli.proxy.into_config().unwrap_err().to_string();
         assert!(err.contains("--drain-timeout"), "{err}");
+    }
+
+    #[test]
+    fn the_sample_ratio_is_a_ratio() {
+        for bad in ["1.5", "-0.1", "NaN"] {
+            let flag = format!("--trace-sample-ratio={bad}");
+            let cli = Cli::parse_from(["lameduck", flag.as_str()]);
+            let err = cli.proxy.into_config().unwrap_err().to_string();
+            assert!(err.contains("--trace-sample-ratio"), "{err}");
+        }
+        for bad in ["https://c:4318", "c:4318", "http://"] {
+            let cli = Cli::parse_from(["lameduck", "--otlp-endpoint", bad]);
+            let err = cli.proxy.into_config().unwrap_err().to_string();
+            assert!(err.contains("--otlp-endpoint"), "{bad}: {err}");
+        }
+        let cli = Cli::parse_from(["lameduck", "--access-log-file", "/tmp/x"]);
+        let err = cli.proxy.into_config().unwrap_err().to_string();
+        assert!(err.contains("--access-log"), "{err}");
     }
 
     mod props {

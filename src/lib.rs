@@ -14,6 +14,7 @@ pub mod inject;
 pub mod kube;
 pub mod lifecycle;
 pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod telemetry;
 pub mod tls;

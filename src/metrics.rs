@@ -397,6 +397,9 @@ pub struct Metrics {
     window_end: [Gauge; 4],
     drain_deadline: [Gauge<f64, AtomicU64>; 3],
     tls: TlsFamilies,
+    pub access_log_dropped: Counter,
+    /// exported, failed, dropped.
+    pub otlp_spans: [Counter; 3],
 }
 
 /// Registers a family with one label and returns the handle of each value, in order.
@@ -544,6 +547,19 @@ impl Metrics {
             DeadlineSource::ALL.map(DeadlineSource::as_str),
         );
         let tls = TlsFamilies::register(&mut registry);
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer's queue was full (or writing failed)",
+            access_log_dropped.clone(),
+        );
+        let otlp_spans = labelled(
+            &mut registry,
+            "otlp_spans",
+            "Spans for --otlp-endpoint: exported, failed (collector unreachable or refusing), dropped (queue full)",
+            "result",
+            ["exported", "failed", "dropped"],
+        );
         let build_info = Family::<Labels, Gauge>::default();
         registry.register("build_info", "Build information", build_info.clone());
         build_info
@@ -572,6 +588,8 @@ impl Metrics {
             window_end,
             drain_deadline,
             tls,
+            access_log_dropped,
+            otlp_spans,
         }
     }
 

@@ -24,15 +24,22 @@ use crate::kube::{DrainEvent, EndpointsReleased, Kube, KubeError, PodFacts};
 use deadline::{DeadlineFacts, drain_deadline};
 
 use crate::admin::AdminServer;
-use crate::config::Config;
+use crate::config::{AccessLogFormat, Config};
 use crate::inject::{self, Injector};
 use crate::metrics::{DeadlineSource, Metrics, WindowEnd};
+use crate::observe::Observer;
+use crate::observe::access_log::{self, AccessLog, Destination};
+use crate::observe::otlp::{self, SpanCounters, SpanSink, TimelineEvent};
 use crate::proxy::{self, ProxyContext, upstream::Upstream};
 use crate::telemetry::{LogReloader, ReloadOutcome};
 use crate::tls::{self, ReloadSignal};
+use opentelemetry::KeyValue;
+use std::sync::Mutex;
 
 /// How long connection tasks get to notice a forced close.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
+/// The least time the access-log writer gets to flush at exit.
+const FLUSH_AT_LEAST: Duration = Duration::from_millis(200);
 /// How long the upstream pool and the admin server get to close.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Readiness probe of the app: how often while it is up, and while it is down.
@@ -51,6 +58,11 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error("--kubernetes on: {0}")]
     Kubernetes(KubeError),
+    #[error("cannot open --access-log-file {path}: {source}")]
+    AccessLogFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -81,6 +93,8 @@ pub struct Bound {
     /// The bound addresses (a port 0 in the flags is resolved here).
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Where the access log goes, opened here so a bad path fails start-up.
+    access_log: Option<Destination>,
 }
 
 /// Must be called inside the runtime (signal handlers register with it).
@@ -89,7 +103,19 @@ pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
     crate::kube::precheck(&config.kube).map_err(StartError::Kubernetes)?;
     let proxy = bind("--listen", config.listen)?;
     let admin = bind("--admin-listen", config.admin_listen)?;
+    let access_log = match config.access_log {
+        AccessLogFormat::Off => None,
+        _ => Some(
+            Destination::open(config.access_log_file.as_ref()).map_err(|source| {
+                StartError::AccessLogFile {
+                    path: config.access_log_file.clone().unwrap_or_default(),
+                    source,
+                }
+            })?,
+        ),
+    };
     Ok(Bound {
+        access_log,
         signals,
         metrics: Metrics::new(),
         proxy_addr: proxy.local_addr().unwrap_or(config.listen),
@@ -131,6 +157,7 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
     }
     let lifecycle = Arc::new(DrainState::new(metrics));
     let connections = TaskTracker::new();
+    let observability = Observability::start(&config, bound.access_log, &lifecycle.metrics);
     let probe_stop = CancellationToken::new();
     let (accept_loop, upstream, probe) = match service {
         Service::Proxy => {
@@ -144,12 +171,15 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
                 "listening"
             );
             let upstream = Upstream::new(&config);
-            let ctx = Arc::new(ProxyContext::new(
-                config.clone(),
-                lifecycle.clone(),
-                upstream.clone(),
-                connections.clone(),
-            ));
+            let ctx = Arc::new(
+                ProxyContext::new(
+                    config.clone(),
+                    lifecycle.clone(),
+                    upstream.clone(),
+                    connections.clone(),
+                )
+                .with_observer(observability.observer.clone()),
+            );
             let accept_loop = tokio::spawn(proxy::serve(proxy_listener, ctx));
             let probe = tokio::spawn(probe_upstream(
                 upstream.clone(),
@@ -206,6 +236,7 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
         kube_connect: Some(kube_connect),
         kube: None,
         kube_tasks: &kube_tasks,
+        timeline: Mutex::new(Vec::new()),
     };
     let trigger = driver.wait_for_drain_request().await;
     let outcome = driver.drain(trigger).await;
@@ -235,6 +266,17 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
         exit_code = summary.exit_code,
         "drain complete"
     );
+    // Every request has ended, so what they logged and traced is queued:
+    // add the drain's span and write it all out.
+    driver.mark(
+        "drained",
+        vec![KeyValue::new(
+            "lameduck.drain.outcome",
+            summary.outcome.as_str(),
+        )],
+    );
+    observability.submit_drain_span(&lifecycle, &summary, driver.take_timeline());
+    observability.finish(driver.deadline).await;
     // Then the Kubernetes part: the drain's last Event, and the ones still
     // being published.
     driver.publish_outcome(&summary).await;
@@ -257,6 +299,134 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
     outcome
 }
 
+/// The access-log writer (and span exporter): started before the proxy
+/// serves, finished after its connections are done.
+struct Observability {
+    observer: Observer,
+    stop: CancellationToken,
+    writer: Option<AbortOnDrop>,
+    spans: Option<SpanSink>,
+    exporter: Option<AbortOnDrop>,
+}
+
+impl Observability {
+    fn start(config: &Config, destination: Option<Destination>, metrics: &Metrics) -> Self {
+        let mut observer = Observer::off(config.trace_sample_ratio);
+        let stop = CancellationToken::new();
+        let format = match config.access_log {
+            AccessLogFormat::Json => Some(access_log::Format::Json),
+            AccessLogFormat::Text => Some(access_log::Format::Text),
+            AccessLogFormat::Off => None,
+        };
+        let writer = match (format, destination) {
+            (Some(format), Some(destination)) => {
+                let dropped = metrics.access_log_dropped.clone();
+                let (log, writer) = AccessLog::new(format, config.access_log_query, dropped);
+                observer.access_log = Some(log);
+                Some(AbortOnDrop(tokio::spawn(
+                    writer.run(destination, stop.clone()),
+                )))
+            }
+            _ => None,
+        };
+        let exporter = config.otlp_endpoint.as_deref().and_then(|endpoint| {
+            let [exported, failed, dropped] = metrics.otlp_spans.clone();
+            let counters = SpanCounters {
+                exported,
+                failed,
+                dropped,
+            };
+            let resource = otlp::resource(
+                config.kube.pod_name.as_deref(),
+                config.kube.pod_namespace.as_deref(),
+            );
+            match otlp::start(endpoint, resource, counters) {
+                Ok((sink, exporter)) => {
+                    observer.spans = Some(sink);
+                    Some(AbortOnDrop(tokio::spawn(exporter.run(stop.clone()))))
+                }
+                Err(error) => {
+                    // Never fatal: serving matters more than tracing.
+                    tracing::warn!(%error, "OTLP export disabled");
+                    None
+                }
+            }
+        });
+        Observability {
+            spans: observer.spans.clone(),
+            observer,
+            stop,
+            writer,
+            exporter,
+        }
+    }
+
+    /// One span for the drain, from its start to now, with its timeline.
+    fn submit_drain_span(
+        &self,
+        lifecycle: &DrainState,
+        summary: &DrainSummary,
+        timeline: Vec<TimelineEvent>,
+    ) {
+        let (Some(spans), Some(started_ms)) = (&self.spans, lifecycle.drain_started_unix_ms())
+        else {
+            return;
+        };
+        let started = SystemTime::UNIX_EPOCH + Duration::from_millis(started_ms);
+        let attributes = vec![
+            KeyValue::new("lameduck.drain.outcome", summary.outcome.as_str()),
+            KeyValue::new(
+                "lameduck.drain.requests_during_drain",
+                summary.requests_during_drain as i64,
+            ),
+            KeyValue::new(
+                "lameduck.drain.connections_graceful",
+                summary.connections_graceful as i64,
+            ),
+            KeyValue::new(
+                "lameduck.drain.connections_forced",
+                summary.connections_forced as i64,
+            ),
+            KeyValue::new("lameduck.drain.exit_code", i64::from(summary.exit_code)),
+        ];
+        let failed = summary.outcome != Outcome::Graceful;
+        spans.submit(otlp::drain_span(
+            started,
+            SystemTime::now(),
+            timeline,
+            attributes,
+            failed,
+        ));
+    }
+
+    /// Writes what is queued, within the drain deadline (at least a moment,
+    /// so a forced exit still gets the lines of what it forced).
+    async fn finish(self, deadline: Instant) {
+        self.stop.cancel();
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(FLUSH_AT_LEAST, CLOSE_GRACE);
+        let writer = async {
+            if let Some(writer) = self.writer {
+                writer.join().await;
+            }
+        };
+        let exporter = async {
+            if let Some(exporter) = self.exporter {
+                exporter.join().await;
+            }
+        };
+        // Both at once: a collector that does not answer must not cost the
+        // access log its flush.
+        if timeout(budget, async { tokio::join!(writer, exporter) })
+            .await
+            .is_err()
+        {
+            tracing::warn!("access log or spans not flushed in time at exit");
+        }
+    }
+}
+
 /// The part of `run` that reacts to events while time passes.
 struct Driver<'a> {
     config: &'a Config,
@@ -274,9 +444,28 @@ struct Driver<'a> {
     kube_connect: Option<AbortOnDrop<Result<Option<Kube>, KubeError>>>,
     kube: Option<Kube>,
     kube_tasks: &'a TaskTracker,
+    /// The drain's steps, for its span (`--otlp-endpoint`).
+    timeline: Mutex<Vec<TimelineEvent>>,
 }
 
 impl<'a> Driver<'a> {
+    fn mark(&self, name: &'static str, attributes: Vec<KeyValue>) {
+        let event = TimelineEvent {
+            at: SystemTime::now(),
+            name,
+            attributes,
+        };
+        // Never contended: the driver is one task; a poisoned Vec is still a Vec.
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event);
+    }
+
+    fn take_timeline(&self) -> Vec<TimelineEvent> {
+        std::mem::take(&mut *self.timeline.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn reload(&self) {
         self.tls_reload.trigger();
         match self.logs.reload() {
@@ -350,7 +539,18 @@ impl<'a> Driver<'a> {
             Ok(facts) => facts,
             Err(outcome) => return self.force(outcome).await,
         };
+        self.mark(
+            "drain started",
+            vec![KeyValue::new("lameduck.drain.trigger", trigger)],
+        );
         self.set_deadline(started, facts.as_ref());
+        self.mark(
+            "deadline set",
+            vec![KeyValue::new(
+                "lameduck.drain.deadline_source",
+                self.deadline_source.as_str(),
+            )],
+        );
         self.publish(DrainEvent::started(format!(
             "{trigger}: lame-duck window at most {} (ends once no EndpointSlice routes here, + {}); deadline {} ({})",
             humantime::format_duration(self.config.drain_delay),
@@ -363,6 +563,10 @@ impl<'a> Driver<'a> {
             Err(outcome) => return self.force(outcome).await,
         };
         lifecycle.metrics.set_window_end(reason);
+        self.mark(
+            "lame-duck window ended",
+            vec![KeyValue::new("lameduck.drain.window_end", reason.as_str())],
+        );
         lifecycle.set_phase(Phase::Closing);
         lifecycle.tokens.stop_accepting.cancel();
         tracing::info!(
@@ -524,6 +728,16 @@ impl<'a> Driver<'a> {
     async fn force(&self, outcome: Outcome) -> Outcome {
         let lifecycle = self.lifecycle;
         lifecycle.set_phase(Phase::Forcing);
+        self.mark(
+            "forcing",
+            vec![
+                KeyValue::new("lameduck.drain.outcome", outcome.as_str()),
+                KeyValue::new(
+                    "lameduck.connections_active",
+                    lifecycle.connections.active() as i64,
+                ),
+            ],
+        );
         tracing::warn!(
             reason = outcome.as_str(),
             connections_active = lifecycle.connections.active(),

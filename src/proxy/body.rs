@@ -45,7 +45,7 @@ impl ProxyBody {
         };
         // hyper does not poll a body that is already known to be empty.
         if this.is_end_stream() {
-            this.request.take();
+            this.settle();
         }
         this
     }
@@ -54,6 +54,15 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Local(Some(Bytes::from_static(text.as_bytes()))),
             request,
+        }
+    }
+}
+
+impl ProxyBody {
+    /// The body has been sent whole: the request ends here.
+    fn settle(&mut self) {
+        if let Some(request) = self.request.take() {
+            request.complete();
         }
     }
 }
@@ -72,17 +81,20 @@ impl Body for ProxyBody {
             Kind::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Kind::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         };
+        if let (Poll::Ready(Some(Ok(frame))), Some(request)) = (&polled, &mut this.request)
+            && let Some(data) = frame.data_ref()
+        {
+            request.add_response_bytes(data.len());
+        }
         match &polled {
             // hyper stops polling once `is_end_stream` is true (a body with a
             // Content-Length), and after trailers: either is the end too.
             Poll::Ready(Some(Ok(frame))) if this.is_end_stream() || frame.is_trailers() => {
-                this.request.take();
+                this.settle();
             }
-            Poll::Ready(None) => {
-                this.request.take();
-            }
+            Poll::Ready(None) => this.settle(),
             Poll::Ready(Some(Err(_))) => {
-                if let Some(request) = this.request.take() {
+                if let Some(mut request) = this.request.take() {
                     request.upstream_failed(UpstreamErrorKind::Closed);
                 }
             }

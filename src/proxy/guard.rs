@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::drain::{DrainState, now_ms};
+use crate::observe::Record;
+use crate::observe::access_log::{End, Entry};
 
 /// Per-connection activity, read by the connection's timer to enforce the
 /// header-read and idle timeouts. Written by the connection's own I/O and
@@ -109,12 +111,19 @@ impl Default for ConnActivity {
     }
 }
 
-/// One request, from its head to the end of its response body.
+/// One request, from its head to the end of its response body. Also how it
+/// ended, for the access log and the request's span: `complete` when the
+/// response reached the client, else the failure set on the way, else a
+/// forced close or a client that went away.
 pub struct RequestGuard {
     lifecycle: Arc<DrainState>,
     activity: Arc<ConnActivity>,
     started: Instant,
     status: u16,
+    completed: bool,
+    end: Option<End>,
+    /// Only when the request is observed (access log on, or exported).
+    record: Option<Record>,
 }
 
 impl RequestGuard {
@@ -127,6 +136,9 @@ impl RequestGuard {
             started: Instant::now(),
             // Until a response exists, a dropped request counts as a failure.
             status: 499,
+            completed: false,
+            end: None,
+            record: None,
         }
     }
 
@@ -134,18 +146,89 @@ impl RequestGuard {
         self.status = status;
     }
 
-    pub fn upstream_failed(&self, kind: crate::metrics::UpstreamErrorKind) {
+    pub fn upstream_failed(&mut self, kind: crate::metrics::UpstreamErrorKind) {
         self.lifecycle.metrics.upstream_error(kind);
+        self.end.get_or_insert(End::Upstream(kind.as_str()));
+    }
+
+    /// How the request ended, when it was not the app's failure.
+    pub fn set_end(&mut self, end: End) {
+        self.end.get_or_insert(end);
+    }
+
+    /// The response reached the client whole.
+    pub fn complete(mut self) {
+        self.completed = true;
+    }
+
+    /// The drain phase, for a record made when the request arrives.
+    pub fn phase(&self) -> &'static str {
+        self.lifecycle.phase().as_str()
+    }
+
+    pub fn observe(&mut self, record: Record) {
+        self.record = Some(record);
+    }
+
+    /// The access-log entry, when the request is observed.
+    #[inline]
+    pub fn entry(&mut self) -> Option<&mut Entry> {
+        self.record.as_mut().map(|r| &mut *r.entry)
+    }
+
+    #[inline]
+    pub fn add_response_bytes(&mut self, n: usize) {
+        if let Some(e) = self.entry() {
+            e.response_bytes += n as u64;
+        }
+    }
+
+    #[inline]
+    pub fn add_request_bytes(&mut self, n: usize) {
+        if let Some(e) = self.entry() {
+            e.request_bytes = Some(e.request_bytes.unwrap_or(0) + n as u64);
+        }
+    }
+
+    /// The app's response head arrived.
+    #[inline]
+    pub fn upstream_answered(&mut self) {
+        let elapsed = self.started.elapsed();
+        if let Some(e) = self.entry() {
+            e.upstream_head = Some(elapsed);
+        }
+    }
+
+    /// Which app connection carried the request, and whether it was retried.
+    #[inline]
+    pub fn upstream_connection(&mut self, reused: bool, retried: bool) {
+        if let Some(e) = self.entry() {
+            e.upstream_reused = Some(reused);
+            e.retried = retried;
+        }
     }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         let metrics = &self.lifecycle.metrics;
+        let elapsed = self.started.elapsed();
         metrics.requests_in_flight.dec();
-        metrics.request_finished(self.status, self.started.elapsed().as_secs_f64());
+        metrics.request_finished(self.status, elapsed.as_secs_f64());
         self.lifecycle.request_finished();
         self.activity.request_finished();
+        if let Some(mut record) = self.record.take() {
+            let end = match self.end {
+                Some(end) => end,
+                None if self.completed => End::Ok,
+                // Dropped unfinished: the deadline's doing, or the client's.
+                None if self.lifecycle.tokens.force.is_cancelled() => End::Forced,
+                None => End::ClientAborted,
+            };
+            record.entry.status = self.status;
+            record.entry.duration = elapsed;
+            record.finish(end);
+        }
     }
 }
 

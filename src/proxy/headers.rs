@@ -10,6 +10,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Version};
 
+use crate::observe::trace_context::{self, RequestTrace, Sampler};
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -22,6 +24,38 @@ static ALWAYS_HOP_BY_HOP: [HeaderName; 5] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
 ];
+
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// Continues the request's W3C trace context (or starts one) and leaves the
+/// headers as the app should get them: one `traceparent` naming lameduck's
+/// span as the parent; `tracestate` only when both headers were valid. The
+/// same rules as the own HTTP/1 path (`h1::head`).
+pub fn continue_trace(headers: &mut HeaderMap, sampler: &Sampler) -> RequestTrace {
+    let mut parents = headers.get_all(&TRACEPARENT).iter();
+    // Two `traceparent` lines are two parents: neither is trusted.
+    let parent = match (parents.next(), parents.next()) {
+        (Some(value), None) => trace_context::parse_traceparent(value.as_bytes()),
+        _ => None,
+    };
+    let keep_tracestate = parent.is_some()
+        && trace_context::tracestate_is_valid(
+            headers
+                .get_all(&TRACESTATE)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
+    if !keep_tracestate {
+        headers.remove(&TRACESTATE);
+    }
+    let trace = RequestTrace::start(parent, sampler);
+    // Lowercase hex and '-' only: always a valid header value.
+    if let Ok(value) = HeaderValue::from_bytes(&trace.traceparent()) {
+        headers.insert(TRACEPARENT.clone(), value);
+    }
+    trace
+}
 
 /// Longest request id accepted from a client; longer ones are replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 200;

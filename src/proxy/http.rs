@@ -38,12 +38,13 @@ use super::h1;
 use super::h1::client::SendError;
 use super::headers;
 use super::io::{SendTimer, ServerIo, sniff};
-use super::relay::relay;
+use super::relay::{Transferred, relay};
 use super::rules;
 use super::upstream::UpstreamError;
 use super::{ProxyContext, TrackedExecutor};
 use crate::drain::ConnectionGuard;
 use crate::metrics::{Protocol, TimeoutKind};
+use crate::observe::access_log::{End, Entry};
 
 pub async fn serve_connection(
     stream: TcpStream,
@@ -242,9 +243,30 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
 impl ConnShared {
     async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let request = RequestGuard::start(self.ctx.lifecycle.clone(), self.activity.clone());
+        let mut request = RequestGuard::start(self.ctx.lifecycle.clone(), self.activity.clone());
         let request_id = headers::ensure_request_id(req.headers_mut(), &self.ctx.ids);
-        let span = tracing::debug_span!("request", id = ?request_id, method = %req.method(), path = %req.uri().path());
+        let observer = &self.ctx.observer;
+        let trace = headers::continue_trace(req.headers_mut(), &observer.sampler);
+        if observer.wants(Some(&trace)) {
+            let protocol = if self.downstream_h2 {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            };
+            let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
+            let mut entry = Entry::new(id, protocol, request.phase());
+            entry.trace = Some(trace);
+            entry.method = req.method().as_str().to_owned();
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            entry.set_target(target, observer.with_query());
+            // A streamed body's size is not known here.
+            entry.request_bytes = hyper::body::Body::size_hint(req.body()).exact();
+            if req.version() < http::Version::HTTP_11 {
+                entry.protocol = "HTTP/1.0";
+            }
+            request.observe(observer.record(entry));
+        }
+        let span = tracing::debug_span!("request", id = ?request_id, trace_id = %trace, method = %req.method(), path = %req.uri().path());
         self.forward(req, request, request_id)
             .instrument(span)
             .await
@@ -268,6 +290,8 @@ impl ConnShared {
                 .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
             if let Err(why) = rules::check_request(target, lines) {
                 tracing::debug!(reason = why, "request refused");
+                let mut request = request;
+                request.set_end(End::Refused);
                 let response = self.local_response(
                     StatusCode::BAD_REQUEST,
                     "bad request\n",
@@ -313,6 +337,7 @@ impl ConnShared {
                     Ok(response) => response,
                     Err(error) => return self.upstream_error(error, request, request_id),
                 };
+                request.upstream_answered();
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS
                     && let Some(client_upgrade) = client_upgrade
                 {
@@ -332,13 +357,21 @@ impl ConnShared {
                 return self.proxied(response, request, request_id, ProxyBody::hyper);
             }
             let body_timeout = ctx.config.body_read_timeout;
-            let sent = timeout(limit, h1::client::send(upstream, req, body_timeout)).await;
+            let sent = timeout(
+                limit,
+                h1::client::send(upstream, req, body_timeout, &mut request),
+            )
+            .await;
             match sent.unwrap_or(Err(UpstreamError::Timeout(limit).into())) {
-                Ok(response) => self.proxied(response, request, request_id, ProxyBody::app),
+                Ok(response) => {
+                    request.upstream_answered();
+                    self.proxied(response, request, request_id, ProxyBody::app)
+                }
                 Err(SendError::Upstream(error)) => self.upstream_error(error, request, request_id),
                 Err(SendError::BodyTimedOut) => {
                     tracing::debug!("request body paused past --body-read-timeout");
                     ctx.lifecycle.metrics.timed_out(TimeoutKind::BodyRead);
+                    request.set_end(End::ClientTimeout);
                     let response = self.local_response(
                         StatusCode::REQUEST_TIMEOUT,
                         "request body timed out\n",
@@ -349,6 +382,7 @@ impl ConnShared {
                 }
                 Err(SendError::BadRequestBody(error)) => {
                     tracing::debug!(%error, "invalid request body");
+                    request.set_end(End::Refused);
                     let response = self.local_response(
                         StatusCode::BAD_REQUEST,
                         "invalid request body\n",
@@ -398,10 +432,10 @@ impl ConnShared {
     fn upstream_error(
         &self,
         error: UpstreamError,
-        request: RequestGuard,
+        mut request: RequestGuard,
         request_id: HeaderValue,
     ) -> Response<ProxyBody> {
-        self.upstream_failed(&error, &request, &request_id);
+        self.upstream_failed(&error, &mut request, &request_id);
         self.local_response(error.status(), error.client_message(), request, request_id)
     }
 
@@ -409,7 +443,7 @@ impl ConnShared {
     pub fn upstream_failed(
         &self,
         error: &UpstreamError,
-        request: &RequestGuard,
+        request: &mut RequestGuard,
         request_id: &dyn std::fmt::Debug,
     ) {
         if let Some(left_out) = self.ctx.upstream_failure_log.admit() {
@@ -460,8 +494,9 @@ async fn tunnel(
     let _open = GaugeGuard::new(&ctx.lifecycle.metrics.upgrades_active);
     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
     let idle_timeout = ctx.config.tunnel_idle_timeout;
+    let bytes = Transferred::default();
     tokio::select! {
-        ended = relay(&mut client, &mut upstream, idle_timeout) => ended.log("tunnel"),
+        ended = relay(&mut client, &mut upstream, idle_timeout, &bytes) => ended.log("tunnel"),
         () = ctx.lifecycle.tokens.force.cancelled() => conn.mark_forced(),
     }
 }

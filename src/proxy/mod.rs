@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Mode};
 use crate::drain::ConnectionGuard;
 use crate::drain::DrainState;
+use crate::observe::Observer;
 use crate::telemetry::LogBudget;
 use headers::RequestIds;
 use upstream::Upstream;
@@ -49,6 +50,8 @@ pub struct ProxyContext {
     pub tasks: TaskTracker,
     /// Failures of the app repeat per request; their warnings are capped.
     pub upstream_failure_log: LogBudget,
+    /// Access log, trace sampling (and span export): see `crate::observe`.
+    pub observer: Observer,
     http1: http1::Builder,
     http2: http2::Builder<TrackedExecutor>,
 }
@@ -85,6 +88,7 @@ impl ProxyContext {
             .timer(TokioTimer::new());
         let mut http2 = http2::Builder::new(TrackedExecutor(tasks.clone()));
         http2.timer(TokioTimer::new());
+        let observer = Observer::off(config.trace_sample_ratio);
         ProxyContext {
             lifecycle,
             upstream,
@@ -92,9 +96,18 @@ impl ProxyContext {
             ids: RequestIds::new(),
             tasks,
             upstream_failure_log: LogBudget::new(UPSTREAM_FAILURE_LOGS_PER_SECOND),
+            observer,
             http1,
             http2,
         }
+    }
+}
+
+impl ProxyContext {
+    /// The observer the lifecycle built (its writer and exporter tasks run there).
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = observer;
+        self
     }
 }
 

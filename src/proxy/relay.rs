@@ -3,9 +3,11 @@
 //! write shutdown (`copy_bidirectional`), and the pair cut once no byte has
 //! moved either way for `--tunnel-idle-timeout`.
 //!
-//! Activity is a counter the reads bump (no clock read per I/O); a timer
-//! looks at it eight times per timeout, so an idle pair is cut between one
-//! and one and an eighth timeouts after its last byte.
+//! Activity is the byte counts the reads bump (no clock read per I/O); a
+//! timer looks at them eight times per timeout, so an idle pair is cut
+//! between one and one and an eighth timeouts after its last byte. The same
+//! counts are the access log's byte fields, readable even when the relay was
+//! dropped at the deadline.
 
 use std::io;
 use std::pin::Pin;
@@ -39,19 +41,36 @@ impl RelayEnd {
     }
 }
 
-pub async fn relay<A, B>(a: &mut A, b: &mut B, idle_timeout: Duration) -> RelayEnd
+/// Bytes read from each side of a relay.
+#[derive(Debug, Default)]
+pub struct Transferred {
+    pub from_a: AtomicU64,
+    pub from_b: AtomicU64,
+}
+
+impl Transferred {
+    fn total(&self) -> u64 {
+        self.from_a.load(Ordering::Relaxed) + self.from_b.load(Ordering::Relaxed)
+    }
+}
+
+pub async fn relay<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle_timeout: Duration,
+    bytes: &Transferred,
+) -> RelayEnd
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let reads = AtomicU64::new(0);
     let mut a = Counted {
         io: a,
-        reads: &reads,
+        bytes: &bytes.from_a,
     };
     let mut b = Counted {
         io: b,
-        reads: &reads,
+        bytes: &bytes.from_b,
     };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
@@ -68,7 +87,7 @@ where
                 };
             }
             _ = ticks.tick() => {
-                let now_seen = reads.load(Ordering::Relaxed);
+                let now_seen = bytes.total();
                 if now_seen != seen {
                     (seen, quiet_since) = (now_seen, Instant::now());
                 } else if quiet_since.elapsed() >= idle_timeout {
@@ -79,10 +98,10 @@ where
     }
 }
 
-/// An I/O object whose successful reads are counted.
+/// An I/O object whose bytes read are counted.
 struct Counted<'a, T> {
     io: &'a mut T,
-    reads: &'a AtomicU64,
+    bytes: &'a AtomicU64,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
@@ -94,8 +113,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut *this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.reads.fetch_add(1, Ordering::Relaxed);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            this.bytes.fetch_add(read as u64, Ordering::Relaxed);
         }
         polled
     }
@@ -133,6 +153,7 @@ mod tests {
                 &mut proxy_client_side,
                 &mut proxy_app_side,
                 Duration::from_secs(8),
+                &Transferred::default(),
             )
             .await
         });

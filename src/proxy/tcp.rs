@@ -1,17 +1,19 @@
 //! TCP mode: byte-for-byte passthrough. `copy_bidirectional` forwards a FIN
 //! from either side as a write shutdown on the other, so half-closed streams
 //! work. Streams run until they end, go idle for --tunnel-idle-timeout, or the
-//! drain deadline forces them.
+//! drain deadline forces them. With the access log on, one line per stream.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::net::TcpStream;
 
 use super::ProxyContext;
-use super::relay::relay;
+use super::relay::{RelayEnd, Transferred, relay};
 use super::upstream::UpstreamError;
 use crate::drain::ConnectionGuard;
 use crate::metrics::Protocol;
+use crate::observe::access_log::{End, Entry};
 
 pub async fn serve_stream(
     mut client: TcpStream,
@@ -19,11 +21,29 @@ pub async fn serve_stream(
     ctx: Arc<ProxyContext>,
 ) {
     guard.set_protocol(Protocol::Tcp);
+    let started = Instant::now();
+    let mut entry = ctx.observer.access_log.is_some().then(|| {
+        let id = String::from_utf8_lossy(&ctx.ids.next_bytes()).into_owned();
+        Entry::new(id, "tcp", ctx.lifecycle.phase().as_str())
+    });
+    let log = |entry: Option<Entry>, end: End, bytes: Option<&Transferred>| {
+        let (Some(mut entry), Some(log)) = (entry, &ctx.observer.access_log) else {
+            return;
+        };
+        if let Some(bytes) = bytes {
+            entry.request_bytes = Some(bytes.from_a.load(std::sync::atomic::Ordering::Relaxed));
+            entry.response_bytes = bytes.from_b.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        entry.duration = started.elapsed();
+        entry.end = end;
+        log.submit(Box::new(entry));
+    };
     let force = &ctx.lifecycle.tokens.force;
     let connected = tokio::select! {
         connected = ctx.upstream.connect_tcp() => connected,
         () = force.cancelled() => {
             guard.mark_forced();
+            log(entry, End::Forced, None);
             return;
         }
     };
@@ -37,12 +57,30 @@ pub async fn serve_stream(
             if matches!(error, UpstreamError::Connect { .. }) {
                 ctx.lifecycle.set_upstream_up(false);
             }
+            log(entry, End::Upstream(error.kind().as_str()), None);
             return;
         }
     };
-    let idle_timeout = ctx.config.tunnel_idle_timeout;
-    tokio::select! {
-        ended = relay(&mut client, &mut upstream, idle_timeout) => ended.log("tcp stream"),
-        () = force.cancelled() => guard.mark_forced(),
+    if let Some(entry) = &mut entry {
+        entry.upstream_head = Some(started.elapsed());
+        entry.upstream_reused = Some(false);
     }
+    let idle_timeout = ctx.config.tunnel_idle_timeout;
+    let bytes = Transferred::default();
+    let end = tokio::select! {
+        ended = relay(&mut client, &mut upstream, idle_timeout, &bytes) => {
+            let end = match &ended {
+                RelayEnd::Finished => End::Ok,
+                RelayEnd::Idle => End::IdleTimeout,
+                RelayEnd::Failed(_) => End::Aborted,
+            };
+            ended.log("tcp stream");
+            end
+        }
+        () = force.cancelled() => {
+            guard.mark_forced();
+            End::Forced
+        }
+    };
+    log(entry, end, Some(&bytes));
 }

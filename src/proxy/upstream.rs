@@ -141,6 +141,16 @@ impl<'a> Attempts<'a> {
         }
     }
 
+    /// The connection last handed out came from the pool.
+    pub fn reused(&self) -> bool {
+        self.last_was_pooled
+    }
+
+    /// This is the second try, on a new connection.
+    pub fn retried(&self) -> bool {
+        self.retried
+    }
+
     /// The last connection failed before the app answered: whether to try
     /// again (on a new connection).
     pub fn retry(&mut self) -> bool {

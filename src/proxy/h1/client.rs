@@ -28,6 +28,7 @@ use tokio::time::timeout;
 use super::BodyCursor;
 use super::chunked::ChunkedError;
 use super::head::{self, Framing};
+use crate::proxy::guard::RequestGuard;
 use crate::proxy::upstream::{Attempts, BoxError, Upstream, UpstreamError};
 
 /// First read of a response: most heads (and small bodies) fit; a 4 KiB
@@ -62,6 +63,7 @@ pub async fn send(
     upstream: &Upstream,
     req: Request<Incoming>,
     body_timeout: Duration,
+    request: &mut RequestGuard,
 ) -> Result<Response<AppBody>, SendError> {
     let (parts, mut body) = req.into_parts();
     let is_head = parts.method == http::Method::HEAD;
@@ -72,6 +74,7 @@ pub async fn send(
     let mut attempts = Attempts::new(upstream, replayable);
     loop {
         let mut app = attempts.connection().await?;
+        request.upstream_connection(attempts.reused(), attempts.retried());
         if let Err(e) = app.write_all(&out).await {
             if attempts.retry() {
                 continue;

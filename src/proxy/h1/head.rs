@@ -15,6 +15,7 @@
 
 use std::mem::MaybeUninit;
 
+use crate::observe::trace_context::{self, RequestTrace, Sampler};
 use crate::proxy::headers::{MAX_REQUEST_ID_LEN, RequestIds};
 use crate::proxy::rules::{self, Refusal};
 
@@ -47,6 +48,8 @@ pub struct Request {
     pub close: bool,
     /// The id sent to the app, echoed on the response.
     pub request_id: RequestId,
+    /// The trace context sent to the app (`traceparent`, lameduck's span as parent).
+    pub trace: RequestTrace,
 }
 
 /// Outcome of looking at the bytes of a request head.
@@ -99,6 +102,8 @@ pub struct RewriteContext<'a> {
     /// The client's IP address, appended to `x-forwarded-for`.
     pub peer: &'a [u8],
     pub ids: &'a RequestIds,
+    /// Decides for the traces this request starts.
+    pub sampler: &'a Sampler,
 }
 
 /// Parses a request head from `input` and, if this path forwards it, appends
@@ -138,6 +143,7 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
     let mut has_upgrade = false;
     let mut request_id: Option<&[u8]> = None;
     let mut forwarded_for: Option<&[u8]> = None;
+    let (mut traceparent, mut traceparents, mut has_tracestate) = (None, 0, false);
     for h in headers {
         let name = h.name.as_bytes();
         match name.len() {
@@ -145,10 +151,15 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
                 return RequestHead::Handoff("Expect");
             }
             7 if name.eq_ignore_ascii_case(b"upgrade") => has_upgrade = true,
+            11 if name.eq_ignore_ascii_case(b"traceparent") => {
+                traceparent = Some(h.value);
+                traceparents += 1;
+            }
             // Collects the tokens; only a list too long to remember stops here.
             10 if name.eq_ignore_ascii_case(b"connection") && !connection.add_list(h.value) => {
                 return RequestHead::Handoff("long Connection list");
             }
+            10 if name.eq_ignore_ascii_case(b"tracestate") => has_tracestate = true,
             12 if name.eq_ignore_ascii_case(b"x-request-id") => {
                 request_id.get_or_insert(h.value);
             }
@@ -190,6 +201,20 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
         Some(id) if !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN => RequestId::new(id),
         _ => RequestId::new(&cx.ids.next_bytes()),
     };
+    // Two `traceparent` lines are two parents: neither is trusted.
+    let parent = match traceparent {
+        Some(value) if traceparents == 1 => trace_context::parse_traceparent(value),
+        _ => None,
+    };
+    let keep_tracestate = parent.is_some()
+        && has_tracestate
+        && trace_context::tracestate_is_valid(
+            headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("tracestate"))
+                .map(|h| h.value),
+        );
+    let trace = RequestTrace::start(parent, cx.sampler);
 
     out.reserve(head_len + 128);
     out.extend_from_slice(method.as_bytes());
@@ -203,6 +228,8 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
         if is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"x-forwarded-for")
             || name.eq_ignore_ascii_case(b"x-request-id")
+            || name.eq_ignore_ascii_case(b"traceparent")
+            || (!keep_tracestate && name.eq_ignore_ascii_case(b"tracestate"))
             || connection.names(name)
         {
             continue;
@@ -236,6 +263,7 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
         write_header(out, b"x-forwarded-proto", b"http");
     }
     write_header(out, b"x-request-id", request_id.as_bytes());
+    write_header(out, b"traceparent", &trace.traceparent());
     if chunked {
         write_header(out, b"transfer-encoding", b"chunked");
     }
@@ -251,6 +279,7 @@ pub fn parse_request(input: &[u8], cx: &RewriteContext<'_>, out: &mut Vec<u8>) -
         ),
         close: connection.close,
         request_id,
+        trace,
     })
 }
 
@@ -564,9 +593,11 @@ mod tests {
 
     fn rewrite(input: &[u8]) -> (RequestHead, Vec<u8>) {
         let ids = RequestIds::new();
+        let sampler = Sampler::new(0.0);
         let cx = RewriteContext {
             peer: b"10.1.2.3",
             ids: &ids,
+            sampler: &sampler,
         };
         let mut out = Vec::new();
         (parse_request(input, &cx, &mut out), out)
@@ -616,6 +647,53 @@ mod tests {
         assert_eq!(values(&headers, "x-forwarded-for"), [b"10.0.0.1, 10.1.2.3"]);
         assert_eq!(values(&headers, "x-forwarded-proto"), [b"http"]);
         assert_eq!(values(&headers, "x-request-id"), [b"abc"]);
+    }
+
+    #[test]
+    fn trace_context_is_continued_with_lameduck_as_the_parent() {
+        let (head, out) = rewrite(
+            b"GET / HTTP/1.1\r\nHost: a\r\n\
+              traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+              tracestate: rojo=00f067aa0ba902b7\r\ntracestate: congo=t61rcWkgMzE\r\n\r\n",
+        );
+        let RequestHead::Forward(req) = head else {
+            panic!("{head:?}")
+        };
+        let (_, _, headers) = reparse(&out);
+        let sent = values(&headers, "traceparent");
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0], &req.trace.traceparent()[..]);
+        assert!(sent[0].starts_with(b"00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(!sent[0].windows(16).any(|w| w == b"00f067aa0ba902b7"));
+        assert_eq!(
+            values(&headers, "tracestate"),
+            [&b"rojo=00f067aa0ba902b7"[..], b"congo=t61rcWkgMzE"]
+        );
+    }
+
+    #[test]
+    fn a_broken_traceparent_starts_a_new_trace_and_drops_its_tracestate() {
+        for bad in [
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b8-01",
+        ] {
+            let input = format!(
+                "GET / HTTP/1.1\r\nHost: a\r\ntraceparent: {bad}\r\ntracestate: a=1\r\n\r\n"
+            );
+            let (head, out) = rewrite(input.as_bytes());
+            assert!(matches!(head, RequestHead::Forward(_)), "{bad}");
+            let (_, _, headers) = reparse(&out);
+            let sent = values(&headers, "traceparent");
+            assert_eq!(sent.len(), 1, "{bad}");
+            assert!(
+                !sent[0].starts_with(b"00-4bf92f3577b34da6a3ce929d0e0e4736"),
+                "{bad}"
+            );
+            assert!(trace_context::parse_traceparent(sent[0]).is_some());
+            assert!(values(&headers, "tracestate").is_empty(), "{bad}");
+        }
     }
 
     #[test]

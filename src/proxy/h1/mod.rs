@@ -37,6 +37,7 @@ use super::io::{SendTimer, write_all_within};
 use super::rules;
 use super::upstream::{Attempts, UpstreamError};
 use crate::metrics::{TimeoutKind, UpstreamErrorKind};
+use crate::observe::access_log::{End, Entry};
 use chunked::{ChunkedError, ChunkedScanner};
 use head::{Framing, RequestHead, ResponseHead};
 
@@ -182,6 +183,7 @@ impl<'a> Connection<'a> {
         let rewrite = head::RewriteContext {
             peer: self.shared.peer_value.as_bytes(),
             ids: &ctx.ids,
+            sampler: &ctx.observer.sampler,
         };
         loop {
             self.out.clear();
@@ -208,8 +210,10 @@ impl<'a> Connection<'a> {
     async fn exchange(&mut self, req: head::Request) -> Next {
         let ctx = &self.shared.ctx;
         let mut request = RequestGuard::start(ctx.lifecycle.clone(), self.shared.activity.clone());
-        let span =
-            tracing::debug_span!("request", id = ?req.request_id, line = %RequestLine(&self.input));
+        if ctx.observer.wants(Some(&req.trace)) {
+            observe(&mut request, &ctx.observer, &self.input, &req);
+        }
+        let span = tracing::debug_span!("request", id = ?req.request_id, trace_id = %req.trace, line = %RequestLine(&self.input));
 
         // The body bytes that came with the head go out with it.
         let mut body = BodyCursor::new(req.framing);
@@ -222,6 +226,7 @@ impl<'a> Connection<'a> {
                     .await;
             }
         };
+        request.add_request_bytes(taken);
         self.out
             .extend_from_slice(&self.input[req.head_len..req.head_len + taken]);
         self.input.drain(..req.head_len + taken);
@@ -229,7 +234,7 @@ impl<'a> Connection<'a> {
         let replayable = body.is_done() && req.idempotent;
 
         let limit = ctx.config.upstream_timeout;
-        let sent = timeout(limit, self.send(&mut body, replayable, &req))
+        let sent = timeout(limit, self.send(&mut body, replayable, &req, &mut request))
             .instrument(span.clone())
             .await
             .unwrap_or(Err(Failure::Upstream(UpstreamError::Timeout(limit))));
@@ -245,12 +250,23 @@ impl<'a> Connection<'a> {
             }
         };
         request.set_status(response.status);
-        match self.forward_response(app, &response).instrument(span).await {
-            Ok(()) if response.close_client => Next::Close,
-            Ok(()) => Next::KeepAlive,
+        let forwarded = self
+            .forward_response(app, &response, &mut request)
+            .instrument(span)
+            .await;
+        match forwarded {
+            Ok(()) => {
+                request.complete();
+                if response.close_client {
+                    Next::Close
+                } else {
+                    Next::KeepAlive
+                }
+            }
             Err(kind) => {
-                if let Some(kind) = kind {
-                    request.upstream_failed(kind);
+                match kind {
+                    Some(kind) => request.upstream_failed(kind),
+                    None => request.set_end(End::ClientAborted),
                 }
                 Next::Close
             }
@@ -265,10 +281,12 @@ impl<'a> Connection<'a> {
         body: &mut BodyCursor,
         replayable: bool,
         req: &head::Request,
+        request: &mut RequestGuard,
     ) -> Result<(TcpStream, head::Response), Failure> {
         let mut attempts = Attempts::new(&self.shared.ctx.upstream, replayable);
         loop {
             let mut app = attempts.connection().await.map_err(Failure::Upstream)?;
+            request.upstream_connection(attempts.reused(), attempts.retried());
             if let Err(e) = app.write_all(&self.out).await {
                 if attempts.retry() {
                     continue;
@@ -276,10 +294,13 @@ impl<'a> Connection<'a> {
                 return Err(closed(e));
             }
             if !body.is_done() {
-                self.forward_request_body(&mut app, body).await?;
+                self.forward_request_body(&mut app, body, request).await?;
             }
             match self.read_response_head(&mut app, req).await {
-                Ok(response) => return Ok((app, response)),
+                Ok(response) => {
+                    request.upstream_answered();
+                    return Ok((app, response));
+                }
                 // (`retry` is asked only when nothing came back.)
                 Err(ReadHeadError::ClosedBeforeResponse(_)) if attempts.retry() => {}
                 Err(e) => return Err(e.into()),
@@ -292,6 +313,7 @@ impl<'a> Connection<'a> {
         &mut self,
         app: &mut TcpStream,
         body: &mut BodyCursor,
+        request: &mut RequestGuard,
     ) -> Result<(), Failure> {
         let limit = self.shared.ctx.config.body_read_timeout;
         while !body.is_done() {
@@ -302,6 +324,7 @@ impl<'a> Connection<'a> {
                 Err(_) => return Err(Failure::BodyTimedOut),
             }
             let taken = body.take(&self.input).map_err(Failure::BadRequestBody)?;
+            request.add_request_bytes(taken);
             app.write_all(&self.input[..taken]).await.map_err(closed)?;
             self.input.drain(..taken);
         }
@@ -360,6 +383,7 @@ impl<'a> Connection<'a> {
         &mut self,
         mut app: TcpStream,
         response: &head::Response,
+        request: &mut RequestGuard,
     ) -> Result<(), Option<UpstreamErrorKind>> {
         let mut body = BodyCursor::new(response.framing);
         let after_head = &self.from_app[response.head_len..];
@@ -368,6 +392,7 @@ impl<'a> Connection<'a> {
             .map_err(|_| Some(UpstreamErrorKind::Protocol))?;
         // Bytes beyond the response: the app broke framing; do not reuse.
         let mut surplus = taken < after_head.len();
+        request.add_response_bytes(taken);
         self.out.extend_from_slice(&after_head[..taken]);
         self.write_out().await.map_err(|_| None)?;
         while !body.is_done() {
@@ -401,6 +426,7 @@ impl<'a> Connection<'a> {
             )
             .await
             .map_err(|_| None)?;
+            request.add_response_bytes(taken);
         }
         if response.reusable && !surplus {
             self.shared.ctx.upstream.release_stream(app);
@@ -421,6 +447,19 @@ impl<'a> Connection<'a> {
         let mut request = RequestGuard::start(ctx.lifecycle.clone(), self.shared.activity.clone());
         request.set_status(400);
         let request_id = ctx.ids.next_bytes();
+        if ctx.observer.wants(None) {
+            let mut entry = Entry::new(
+                String::from_utf8_lossy(&request_id).into_owned(),
+                "HTTP/1.1",
+                request.phase(),
+            );
+            if let Some((method, target)) = request_line(&self.input) {
+                entry.method = method.to_owned();
+                entry.set_target(target, ctx.observer.with_query());
+            }
+            request.observe(ctx.observer.record(entry));
+        }
+        request.set_end(End::Refused);
         tracing::debug!(reason = why, line = %RequestLine(&self.input), "request refused");
         self.input.clear();
         self.out.clear();
@@ -432,7 +471,9 @@ impl<'a> Connection<'a> {
             &request_id,
             true,
         );
-        let _ = self.write_out().await;
+        if self.write_out().await.is_ok() {
+            request.complete();
+        }
         Next::Close
     }
 
@@ -447,17 +488,19 @@ impl<'a> Connection<'a> {
         let (status, reason, text) = match &failure {
             Failure::Upstream(error) => {
                 self.shared
-                    .upstream_failed(error, &request, &req.request_id);
+                    .upstream_failed(error, &mut request, &req.request_id);
                 let status = error.status();
                 let reason = status.canonical_reason().unwrap_or("");
                 (status.as_u16(), reason, error.client_message())
             }
             Failure::BadRequestBody(e) => {
                 tracing::debug!(error = %e, "invalid request body");
+                request.set_end(End::Refused);
                 (400, "Bad Request", "invalid chunked request body\n")
             }
             Failure::BodyTimedOut => {
                 tracing::debug!("request body paused past --body-read-timeout");
+                request.set_end(End::ClientTimeout);
                 self.shared
                     .ctx
                     .lifecycle
@@ -465,7 +508,10 @@ impl<'a> Connection<'a> {
                     .timed_out(TimeoutKind::BodyRead);
                 (408, "Request Timeout", "request body timed out\n")
             }
-            Failure::Abort => return Next::Close,
+            Failure::Abort => {
+                request.set_end(End::ClientAborted);
+                return Next::Close;
+            }
         };
         request.set_status(status);
         let close = req.close
@@ -480,10 +526,11 @@ impl<'a> Connection<'a> {
             req.request_id.as_bytes(),
             close,
         );
-        if self.write_out().await.is_err() || close {
+        if self.write_out().await.is_err() {
             return Next::Close;
         }
-        Next::KeepAlive
+        request.complete();
+        if close { Next::Close } else { Next::KeepAlive }
     }
 }
 
@@ -580,6 +627,36 @@ impl BodyCursor {
             BodyCursor::Chunked(_) | BodyCursor::UntilClose => usize::MAX,
         }
     }
+}
+
+/// Starts the access-log entry (and span record) of a request on this path.
+/// Out of line: only observed requests pay for the strings.
+#[cold]
+fn observe(
+    request: &mut RequestGuard,
+    observer: &crate::observe::Observer,
+    input: &[u8],
+    req: &head::Request,
+) {
+    let mut entry = Entry::new(
+        String::from_utf8_lossy(req.request_id.as_bytes()).into_owned(),
+        "HTTP/1.1",
+        request.phase(),
+    );
+    entry.trace = Some(req.trace);
+    if let Some((method, target)) = request_line(input) {
+        entry.method = method.to_owned();
+        entry.set_target(target, observer.with_query());
+    }
+    request.observe(observer.record(entry));
+}
+
+/// Method and target of the request line at the start of `input`.
+fn request_line(input: &[u8]) -> Option<(&str, &str)> {
+    let end = input.iter().position(|&b| b == b'\r')?;
+    let line = std::str::from_utf8(&input[..end]).ok()?;
+    let mut parts = line.splitn(3, ' ');
+    Some((parts.next()?, parts.next()?))
 }
 
 /// The request line, for the request's span (formatted only when enabled).
