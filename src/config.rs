@@ -124,6 +124,36 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_ADMIN_LISTEN", default_value = "0.0.0.0:9901", value_parser = parse_socket_addr)]
     pub admin_listen: SocketAddr,
 
+    /// Certificate chain (PEM, leaf first) for TLS on --listen. With
+    /// --tls-key, --listen speaks TLS only (HTTP mode: h2 or HTTP/1.1 by
+    /// ALPN; TCP mode: cleartext to the app). Reloaded when the file changes
+    /// and on SIGHUP.
+    #[arg(long, env = "LAMEDUCK_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "LAMEDUCK_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign client certificates: with it, every
+    /// client must present a valid one (mTLS); the app gets its identity in
+    /// `x-forwarded-client-cert`. Read at start-up.
+    #[arg(long, env = "LAMEDUCK_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Time a client has to complete the TLS handshake after connecting.
+    #[arg(long, env = "LAMEDUCK_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// Certificate chain (PEM) for TLS on --admin-listen; the admin port is
+    /// cleartext without it (kubelet probes and Prometheus scrape it).
+    #[arg(long, env = "LAMEDUCK_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --admin-tls-cert.
+    #[arg(long, env = "LAMEDUCK_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
+
     /// Lame-duck window after SIGTERM: not ready, but still accepting and
     /// serving. With the Kubernetes API, the upper bound: the window ends
     /// earlier once no EndpointSlice routes to the pod (+ the margin below).
@@ -287,6 +317,19 @@ pub struct Config {
     pub send_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    /// TLS on --listen (--tls-cert, --tls-key, --tls-client-ca).
+    pub tls: Option<TlsSettings>,
+    /// TLS on --admin-listen (--admin-tls-cert, --admin-tls-key).
+    pub admin_tls: Option<TlsSettings>,
+    pub tls_handshake_timeout: Duration,
+}
+
+/// Files of one TLS listener, as given; read and checked at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -321,6 +364,7 @@ impl ProxyArgs {
             ("send-timeout", self.send_timeout),
             ("upstream-connect-timeout", self.upstream_connect_timeout),
             ("upstream-timeout", self.upstream_timeout),
+            ("tls-handshake-timeout", self.tls_handshake_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration { flag });
@@ -357,6 +401,24 @@ impl ProxyArgs {
             send_timeout: self.send_timeout,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_timeout: self.upstream_timeout,
+            // clap's `requires` makes the pairs complete.
+            tls: self
+                .tls_cert
+                .zip(self.tls_key)
+                .map(|(cert, key)| TlsSettings {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca,
+                }),
+            admin_tls: self
+                .admin_tls_cert
+                .zip(self.admin_tls_key)
+                .map(|(cert, key)| TlsSettings {
+                    cert,
+                    key,
+                    client_ca: None,
+                }),
+            tls_handshake_timeout: self.tls_handshake_timeout,
         })
     }
 }

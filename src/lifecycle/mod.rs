@@ -24,10 +24,14 @@ use crate::kube::{DrainEvent, EndpointsReleased, Kube, KubeError, PodFacts};
 use deadline::{DeadlineFacts, drain_deadline};
 
 use crate::admin::AdminServer;
-use crate::config::Config;
-use crate::metrics::{DeadlineSource, Metrics, WindowEnd};
+use crate::config::{Config, Mode, TlsSettings};
+use crate::metrics::{DeadlineSource, Metrics, TlsListener, WindowEnd};
 use crate::proxy::{self, ProxyContext, upstream::Upstream};
 use crate::telemetry::{LogReloader, ReloadOutcome};
+use crate::tls::{
+    ALPN_HTTP, CertFiles, ClientCa, DEFAULT_POLL_INTERVAL, Handshaker, ReloadSignal,
+    ReloadableCert, TlsError,
+};
 
 /// How long connection tasks get to notice a forced close.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
@@ -49,6 +53,8 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error("--kubernetes on: {0}")]
     Kubernetes(KubeError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -76,15 +82,97 @@ pub struct Bound {
     /// The bound addresses (a port 0 in the flags is resolved here).
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Created here: the certificates loaded at start-up report into it.
+    metrics: Metrics,
+    proxy_tls: Option<ListenerTls>,
+    admin_tls: Option<ListenerTls>,
+}
+
+/// A TLS listener's certificate (watched for changes) and handshake.
+struct ListenerTls {
+    cert: Arc<ReloadableCert>,
+    handshaker: Handshaker,
+}
+
+/// Loads and checks a listener's certificate, key and client CA: a missing,
+/// unreadable or mismatched file is a start-up error naming its flag.
+fn load_tls(
+    settings: &TlsSettings,
+    (cert_flag, key_flag): (&'static str, &'static str),
+    listener: TlsListener,
+    alpn: &[&[u8]],
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<ListenerTls, StartError> {
+    let files = CertFiles {
+        cert: settings.cert.clone(),
+        key: settings.key.clone(),
+        cert_flag,
+        key_flag,
+    };
+    let tls_metrics = metrics.tls(listener);
+    let cert = ReloadableCert::load(files, tls_metrics.clone())?;
+    let client_ca = settings
+        .client_ca
+        .as_deref()
+        .map(|path| ClientCa::load(path, "--tls-client-ca"))
+        .transpose()?;
+    let server_config = crate::tls::server_config(cert.clone(), alpn, client_ca.as_ref())?;
+    let loaded = cert.current();
+    tracing::info!(
+        listener = listener.as_str(),
+        cert = %settings.cert.display(),
+        subject = %loaded.subject,
+        not_after = loaded.not_after,
+        client_certificates = client_ca.is_some(),
+        "TLS certificate loaded"
+    );
+    Ok(ListenerTls {
+        cert,
+        handshaker: Handshaker::new(server_config, config.tls_handshake_timeout, tls_metrics),
+    })
 }
 
 /// Must be called inside the runtime (signal handlers register with it).
 pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
     let signals = signals::OsSignals::register().map_err(StartError::Signals)?;
     crate::kube::precheck(&config.kube).map_err(StartError::Kubernetes)?;
+    let metrics = Metrics::new();
+    // TCP mode relays whatever the client speaks inside TLS: no ALPN.
+    let proxy_alpn = match config.mode {
+        Mode::Http => ALPN_HTTP,
+        Mode::Tcp => &[],
+    };
+    let proxy_tls = config
+        .tls
+        .as_ref()
+        .map(|tls| {
+            let flags = ("--tls-cert", "--tls-key");
+            load_tls(tls, flags, TlsListener::Proxy, proxy_alpn, config, &metrics)
+        })
+        .transpose()?;
+    // The admin server speaks HTTP/1.1 only.
+    let admin_tls = config
+        .admin_tls
+        .as_ref()
+        .map(|tls| {
+            let flags = ("--admin-tls-cert", "--admin-tls-key");
+            load_tls(
+                tls,
+                flags,
+                TlsListener::Admin,
+                &[b"http/1.1"],
+                config,
+                &metrics,
+            )
+        })
+        .transpose()?;
     let proxy = bind("--listen", config.listen)?;
     let admin = bind("--admin-listen", config.admin_listen)?;
     Ok(Bound {
+        metrics,
+        proxy_tls,
+        admin_tls,
         signals,
         proxy_addr: proxy.local_addr().unwrap_or(config.listen),
         admin_addr: admin.local_addr().unwrap_or(config.admin_listen),
@@ -100,7 +188,21 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
     let (proxy_listener, admin_listener) = (bound.proxy, bound.admin);
     let (proxy_addr, admin_addr) = (bound.proxy_addr, bound.admin_addr);
 
-    let lifecycle = Arc::new(DrainState::new(Metrics::new()));
+    let lifecycle = Arc::new(DrainState::new(bound.metrics));
+    // Certificate watchers: polled files and SIGHUP, until the admin server
+    // (the last TLS user) is gone.
+    let tls_watchers = TaskTracker::new();
+    let tls_stop = CancellationToken::new();
+    let tls_reload = ReloadSignal::new();
+    for tls in [&bound.proxy_tls, &bound.admin_tls].into_iter().flatten() {
+        tls_watchers.spawn(crate::tls::watch_files(
+            tls.cert.clone(),
+            tls_reload.subscribe(),
+            DEFAULT_POLL_INTERVAL,
+            tls_stop.clone(),
+        ));
+    }
+    let any_tls = bound.proxy_tls.is_some() || bound.admin_tls.is_some();
     let upstream = Upstream::new(&config);
     tracing::info!(
         proxy = %proxy_addr,
@@ -111,15 +213,23 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
         drain_timeout = ?config.drain_timeout,
         "listening"
     );
-    let admin = AdminServer::start(admin_listener, lifecycle.clone(), events_tx);
+    let admin = AdminServer::start(
+        admin_listener,
+        lifecycle.clone(),
+        events_tx,
+        bound.admin_tls.map(|tls| tls.handshaker),
+    );
 
     let connections = TaskTracker::new();
-    let ctx = Arc::new(ProxyContext::new(
-        config.clone(),
-        lifecycle.clone(),
-        upstream.clone(),
-        connections.clone(),
-    ));
+    let ctx = Arc::new(
+        ProxyContext::new(
+            config.clone(),
+            lifecycle.clone(),
+            upstream.clone(),
+            connections.clone(),
+        )
+        .with_tls(bound.proxy_tls.map(|tls| tls.handshaker)),
+    );
     let accept_loop = tokio::spawn(proxy::serve(proxy_listener, ctx));
     let probe_stop = CancellationToken::new();
     let probe = tokio::spawn(probe_upstream(
@@ -143,6 +253,7 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
         lifecycle: &lifecycle,
         events,
         logs,
+        tls_reload: any_tls.then_some(tls_reload),
         force_on_signal: false,
         // Set when the drain starts.
         deadline: Instant::now() + config.drain_timeout,
@@ -190,6 +301,9 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader) -> Outcome {
     }
     // The admin server goes last: /metrics and /ready answered until the end.
     admin.shutdown(CLOSE_GRACE).await;
+    tls_stop.cancel();
+    tls_watchers.close();
+    tls_watchers.wait().await;
     drop(signal_task);
     outcome
 }
@@ -200,6 +314,8 @@ struct Driver<'a> {
     lifecycle: &'a Arc<DrainState>,
     events: mpsc::Receiver<Event>,
     logs: LogReloader,
+    /// Asks the certificate watchers to reload (SIGHUP), when TLS is on.
+    tls_reload: Option<ReloadSignal>,
     /// A stop signal forces the exit (true once a signal started the drain).
     force_on_signal: bool,
     /// The hard deadline; moved once the pod's deletionTimestamp is known.
@@ -213,6 +329,11 @@ struct Driver<'a> {
 
 impl<'a> Driver<'a> {
     fn reload(&self) {
+        if let Some(tls) = &self.tls_reload {
+            // The watchers log the outcome, one line per certificate.
+            tracing::info!("SIGHUP: reloading the TLS certificates");
+            tls.trigger();
+        }
         match self.logs.reload() {
             Ok(ReloadOutcome::Applied(filter)) => {
                 tracing::info!(%filter, "SIGHUP: log filter reloaded")

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::ProxyContext;
 use super::relay::relay;
@@ -13,11 +13,13 @@ use super::upstream::UpstreamError;
 use crate::drain::ConnectionGuard;
 use crate::metrics::Protocol;
 
-pub async fn serve_stream(
-    mut client: TcpStream,
-    mut guard: ConnectionGuard,
-    ctx: Arc<ProxyContext>,
-) {
+/// `client` is the accepted socket, or the TLS session on it (`proxy::tls`):
+/// the app gets the decrypted bytes, and the client's close_notify or ours
+/// travels as the FIN it stands for.
+pub async fn serve_stream<S>(mut client: S, mut guard: ConnectionGuard, ctx: Arc<ProxyContext>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     guard.set_protocol(Protocol::Tcp);
     let force = &ctx.lifecycle.tokens.force;
     let connected = tokio::select! {

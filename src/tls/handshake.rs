@@ -182,7 +182,11 @@ pub(super) fn reason_of(e: &rustls::Error) -> HandshakeFailure {
         Error::PeerIncompatible(
             PeerIncompatible::Tls12NotOffered
             | PeerIncompatible::Tls12NotOfferedOrEnabled
-            | PeerIncompatible::SupportedVersionsExtensionRequired,
+            | PeerIncompatible::SupportedVersionsExtensionRequired
+            // signature_algorithms is a TLS 1.2 extension (RFC 5246
+            // §7.4.1.4.1): a hello without it is a TLS 1.0/1.1 one, which
+            // rustls refuses on this ground before it looks at the version.
+            | PeerIncompatible::SignatureAlgorithmsExtensionRequired,
         ) => HandshakeFailure::ProtocolVersion,
         Error::PeerIncompatible(_) | Error::NoApplicationProtocol => HandshakeFailure::Incompatible,
         Error::NoCertificatesPresented | Error::InvalidCertificate(_) => {
