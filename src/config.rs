@@ -128,17 +128,17 @@ pub struct ProxyArgs {
     /// --tls-key, --listen speaks TLS only (HTTP mode: h2 or HTTP/1.1 by
     /// ALPN; TCP mode: cleartext to the app). Reloaded when the file changes
     /// and on SIGHUP.
-    #[arg(long, env = "LAMEDUCK_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "LAMEDUCK_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
-    #[arg(long, env = "LAMEDUCK_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "LAMEDUCK_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// CA certificates (PEM) that sign client certificates: with it, every
     /// client must present a valid one (mTLS); the app gets its identity in
     /// `x-forwarded-client-cert`. Read at start-up.
-    #[arg(long, env = "LAMEDUCK_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, env = "LAMEDUCK_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
 
     /// Time a client has to complete the TLS handshake after connecting.
@@ -147,11 +147,11 @@ pub struct ProxyArgs {
 
     /// Certificate chain (PEM) for TLS on --admin-listen; the admin port is
     /// cleartext without it (kubelet probes and Prometheus scrape it).
-    #[arg(long, env = "LAMEDUCK_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    #[arg(long, env = "LAMEDUCK_ADMIN_TLS_CERT")]
     pub admin_tls_cert: Option<PathBuf>,
 
     /// Private key (PEM) of --admin-tls-cert.
-    #[arg(long, env = "LAMEDUCK_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    #[arg(long, env = "LAMEDUCK_ADMIN_TLS_KEY")]
     pub admin_tls_key: Option<PathBuf>,
 
     /// Lame-duck window after SIGTERM: not ready, but still accepting and
@@ -342,6 +342,31 @@ pub enum ConfigError {
     UnresolvableUpstream { name: String, reason: String },
     #[error("--listen and --admin-listen are the same address ({0})")]
     SameListenAddress(SocketAddr),
+    #[error("{given} needs {missing} too")]
+    IncompleteTls {
+        given: &'static str,
+        missing: &'static str,
+    },
+}
+
+/// The TLS files of one listener, complete or absent.
+fn tls_pair(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    (cert_flag, key_flag): (&'static str, &'static str),
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::IncompleteTls {
+            given: cert_flag,
+            missing: key_flag,
+        }),
+        (None, Some(_)) => Err(ConfigError::IncompleteTls {
+            given: key_flag,
+            missing: cert_flag,
+        }),
+    }
 }
 
 impl ProxyArgs {
@@ -373,6 +398,18 @@ impl ProxyArgs {
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(ConfigError::SameListenAddress(self.listen));
         }
+        let tls = tls_pair(self.tls_cert, self.tls_key, ("--tls-cert", "--tls-key"))?;
+        if self.tls_client_ca.is_some() && tls.is_none() {
+            return Err(ConfigError::IncompleteTls {
+                given: "--tls-client-ca",
+                missing: "--tls-cert and --tls-key",
+            });
+        }
+        let admin_tls = tls_pair(
+            self.admin_tls_cert,
+            self.admin_tls_key,
+            ("--admin-tls-cert", "--admin-tls-key"),
+        )?;
         let upstream = resolve_upstream(&self.upstream)?;
         Ok(Config {
             listen: self.listen,
@@ -401,23 +438,16 @@ impl ProxyArgs {
             send_timeout: self.send_timeout,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_timeout: self.upstream_timeout,
-            // clap's `requires` makes the pairs complete.
-            tls: self
-                .tls_cert
-                .zip(self.tls_key)
-                .map(|(cert, key)| TlsSettings {
-                    cert,
-                    key,
-                    client_ca: self.tls_client_ca,
-                }),
-            admin_tls: self
-                .admin_tls_cert
-                .zip(self.admin_tls_key)
-                .map(|(cert, key)| TlsSettings {
-                    cert,
-                    key,
-                    client_ca: None,
-                }),
+            tls: tls.map(|(cert, key)| TlsSettings {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            admin_tls: admin_tls.map(|(cert, key)| TlsSettings {
+                cert,
+                key,
+                client_ca: None,
+            }),
             tls_handshake_timeout: self.tls_handshake_timeout,
         })
     }
