@@ -265,6 +265,9 @@ WORKLOADS = {
     "big": "(d) 1 MiB responses",
     "tcp": "(e) TCP passthrough (HTTP/1.1 keep-alive through it)",
     "rate": "(g) fixed rate",
+    "tls_h1": "(h) HTTPS keep-alive, 32 conns",
+    "tls_close": "(i) HTTPS new TLS connection per request",
+    "tls_h2": "(j) h2 over TLS (ALPN), 16 conns x 32 streams",
 }
 
 
@@ -346,7 +349,14 @@ def build_rows(recs, meta):
         rows.append((f"(g) latency p50 @ {q} req/s, ms", "ms", "low", per_target("rate", lambda r: r.get("p50_ms"))))
         rows.append((f"(g) latency p99 @ {q} req/s, ms", "ms", "low", per_target("rate", lambda r: r.get("p99_ms"))))
         rows.append((f"(g) latency p99.9 @ {q} req/s, ms", "ms", "low", per_target("rate", lambda r: r.get("p999_ms"))))
-    for w, label in (("h1", "(a)"), ("close", "(b)"), ("h2", "(c)"), ("tcp", "(e)"), ("rate", "(g)")):
+    if "tls_h1" in wl:
+        rows.append(("(h) HTTPS keep-alive, req/s", "rps", "high", per_target("tls_h1", lambda r: r["rps"])))
+    if "tls_close" in wl:
+        rows.append(("(i) HTTPS conn (handshake) per request, req/s", "rps", "high", per_target("tls_close", lambda r: r["rps"])))
+    if "tls_h2" in wl:
+        rows.append(("(j) h2 over TLS 16x32 streams, req/s", "rps", "high", per_target("tls_h2", lambda r: r["rps"])))
+    for w, label in (("h1", "(a)"), ("close", "(b)"), ("h2", "(c)"), ("tcp", "(e)"), ("rate", "(g)"),
+                     ("tls_h1", "(h)"), ("tls_close", "(i), = per 100k handshakes"), ("tls_h2", "(j)")):
         if w in wl:
             rows.append((f"CPU s per 100k req, {label}", "cpu", "low", per_target(w, cpu_per_100k)))
     if "big" in wl:

@@ -11,12 +11,15 @@
 #                             the access log on / spans sampled at 1 % and 100 % to a real
 #                             OpenTelemetry Collector; h1 workload only, reported as ratios to
 #                             `lameduck` with both off)
-#   WORKLOADS="h1 close h2 big tcp rate idle drain"   (a b c d e g f + lameduck drain timings)
+#   WORKLOADS="h1 close h2 big tcp rate idle drain tls_h1 tls_close tls_h2"
+#                             (a b c d e g f + lameduck drain timings + TLS (h) (i) (j); the
+#                             TLS ones run against haproxy, nginx and lameduck, all terminating
+#                             TLS with the same ECDSA P-256 certificate; not against direct)
 #   RATE=5000                 fixed request rate of the latency workload (g)
 #   IDLE_CONNS=10000          connections of the idle-RSS workload (f) and the 10k drain runs
 #   BIG_CONNS=8               wrk connections of the 1 MiB workload (d)
 #   PROXY_CPU=0 UPSTREAM_CPU=1 CLIENT_CPU=1 DIRECT_CLIENT_CPU=0   taskset layout (see BENCHMARKS.md)
-#   BASE_PORT=18000           ports BASE_PORT..BASE_PORT+33 on 127.0.0.1
+#   BASE_PORT=18000           ports BASE_PORT..BASE_PORT+35 on 127.0.0.1
 #   LAMEDUCK_BIN=target/release/lameduck   BUILD=1 (cargo build --release first; 0 = use as is)
 #   INSTALL=1                 apt-get/cargo install missing tools (0 = fail instead)
 #   BUSY_RETRIES=ROUNDS*2     re-runs allowed (in total) for runs disturbed by other CPU load
@@ -37,7 +40,7 @@ else
     ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-10}
 fi
 TARGETS=${TARGETS:-direct haproxy nginx lameduck}
-WORKLOADS=${WORKLOADS:-h1 close h2 big tcp rate idle drain}
+WORKLOADS=${WORKLOADS:-h1 close h2 big tcp rate idle drain tls_h1 tls_close tls_h2}
 RATE=${RATE:-5000}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 BIG_CONNS=${BIG_CONNS:-8}
@@ -71,7 +74,7 @@ for t in $TARGETS; do
     *) die "unknown target '$t' (direct haproxy nginx lameduck ld-log ld-trace1 ld-trace100)";; esac
 done
 for w in $WORKLOADS; do
-    case $w in h1|close|h2|big|tcp|rate|idle|drain) ;; *) die "unknown workload '$w' (h1 close h2 big tcp rate idle drain)";; esac
+    case $w in h1|close|h2|big|tcp|rate|idle|drain|tls_h1|tls_close|tls_h2) ;; *) die "unknown workload '$w' (h1 close h2 big tcp rate idle drain tls_h1 tls_close tls_h2)";; esac
 done
 
 # ------------------------------------------------------------------ process tracking & cleanup
@@ -168,6 +171,7 @@ ensure_tools() {
     command -v python3 >/dev/null || pkgs+=(python3)
     command -v taskset >/dev/null || pkgs+=(util-linux)
     command -v curl >/dev/null || pkgs+=(curl)
+    command -v openssl >/dev/null || pkgs+=(openssl)
     # nginx's TCP proxy is the dynamic `stream` module; nginx-light does not ship it, this
     # small package does (it is what nginx-full pulls in for stream).
     [[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]] || pkgs+=(libnginx-mod-stream)
@@ -224,6 +228,19 @@ LD_HTTP=$((BASE_PORT + 30)); LD_ADMIN=$((BASE_PORT + 31)); LD_TCP=$((BASE_PORT +
 declare -A VAR_HTTP=([ld-log]=$((BASE_PORT + 40)) [ld-trace1]=$((BASE_PORT + 42)) [ld-trace100]=$((BASE_PORT + 44)))
 declare -A VAR_ADMIN=([ld-log]=$((BASE_PORT + 41)) [ld-trace1]=$((BASE_PORT + 43)) [ld-trace100]=$((BASE_PORT + 45)))
 OTELCOL_PORT=$((BASE_PORT + 46))
+# TLS: one port each, h2 and http/1.1 by ALPN.
+HA_TLS=$((BASE_PORT + 13));  NG_TLS=$((BASE_PORT + 23));  LD_TLS=$((BASE_PORT + 34)); LD_TLS_ADMIN=$((BASE_PORT + 35))
+has_tls() { has "$WORKLOADS" tls_h1 || has "$WORKLOADS" tls_close || has "$WORKLOADS" tls_h2; }
+
+# One certificate for every target (ECDSA P-256, what cert-manager issues by default), so the
+# TLS rows compare the proxies, not the keys. The clients (wrk, h2load) do not verify it.
+make_tls_cert() {
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$TMP/tls.ext"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$TMP/tls.key" \
+        -out "$TMP/tls.crt" -days 2 -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        >/dev/null 2>&1 || die "openssl could not make the benchmark certificate"
+    cat "$TMP/tls.crt" "$TMP/tls.key" >"$TMP/tls.pem"   # HAProxy wants both in one file
+}
 
 render() {  # render TEMPLATE OUT
     local stream_load="" stream_block="" note="not available: TCP workload skipped for nginx"
@@ -249,6 +266,8 @@ render() {  # render TEMPLATE OUT
     s=${s//@NGINX_H1_PORT@/$NG_H1}
     s=${s//@NGINX_H2_PORT@/$NG_H2}
     s=${s//@NGINX_TCP_PORT@/$NG_TCP}
+    s=${s//@HAPROXY_TLS_PORT@/$HA_TLS}
+    s=${s//@NGINX_TLS_PORT@/$NG_TLS}
     s=${s//@PROXY_CPU@/$PROXY_CPU}
     s=${s//@NOFILE@/$NOFILE}
     s=${s//@LOAD_STREAM@/$stream_load}
@@ -273,6 +292,7 @@ render() {  # render TEMPLATE OUT
 
 declare -A TPID=()      # target -> main pid (for lameduck: the HTTP-mode process)
 LD_TCP_PID=""
+LD_TLS_PID=""
 
 start_upstream() {
     render "$BENCH_DIR/nginx-upstream.conf.tmpl" "$TMP/nginx-upstream.conf"
@@ -288,13 +308,13 @@ start_target() {
         render "$BENCH_DIR/haproxy.cfg.tmpl" "$TMP/haproxy.cfg"
         start_bg taskset -c "$PROXY_CPU" haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1
         TPID[haproxy]=$BG_PID
-        wait_port "$HA_H1" && wait_port "$HA_H2" && wait_port "$HA_TCP" || die "haproxy did not start: $(cat "$TMP/haproxy.log")"
+        wait_port "$HA_H1" && wait_port "$HA_H2" && wait_port "$HA_TCP" && wait_port "$HA_TLS" || die "haproxy did not start: $(cat "$TMP/haproxy.log")"
         ;;
     nginx)
         render "$BENCH_DIR/nginx-proxy.conf.tmpl" "$TMP/nginx-proxy.conf"
         start_bg taskset -c "$PROXY_CPU" nginx -p "$TMP" -c "$TMP/nginx-proxy.conf" -e "$TMP/nginx-proxy.err"
         TPID[nginx]=$BG_PID
-        wait_port "$NG_H1" && wait_port "$NG_H2" || die "nginx proxy did not start: $(cat "$TMP/nginx-proxy.err")"
+        wait_port "$NG_H1" && wait_port "$NG_H2" && wait_port "$NG_TLS" || die "nginx proxy did not start: $(cat "$TMP/nginx-proxy.err")"
         if ((NGINX_STREAM)); then wait_port "$NG_TCP" || die "nginx stream did not start"; fi
         ;;
     lameduck)
@@ -310,6 +330,14 @@ start_target() {
                 --admin-listen "127.0.0.1:$LD_TCP_ADMIN" --mode tcp "${common[@]}" 2>"$TMP/lameduck-tcp.log"
             LD_TCP_PID=$BG_PID
             wait_port "$LD_TCP" || die "lameduck --mode tcp did not start: $(cat "$TMP/lameduck-tcp.log")"
+        fi
+        if has_tls; then
+            # A third process, like --mode tcp: TLS is per listener.
+            start_bg taskset -c "$PROXY_CPU" "$LAMEDUCK_BIN" --listen "127.0.0.1:$LD_TLS" \
+                --admin-listen "127.0.0.1:$LD_TLS_ADMIN" --tls-cert "$TMP/tls.crt" --tls-key "$TMP/tls.key" \
+                "${common[@]}" 2>"$TMP/lameduck-tls.log"
+            LD_TLS_PID=$BG_PID
+            wait_port "$LD_TLS" || die "lameduck --tls-cert did not start: $(cat "$TMP/lameduck-tls.log")"
         fi
         wait_port "$LD_HTTP" || die "lameduck did not start: $(cat "$TMP/lameduck-http.log")"
         ;;
@@ -363,7 +391,7 @@ YAML
 stop_target() {
     case $1 in
     direct) kill_tree "${TPID[direct]}"; forget_pid "${TPID[direct]}" ;;
-    lameduck) kill_tree "${TPID[lameduck]}" $LD_TCP_PID; forget_pid "${TPID[lameduck]}" $LD_TCP_PID; LD_TCP_PID="" ;;
+    lameduck) kill_tree "${TPID[lameduck]}" $LD_TCP_PID $LD_TLS_PID; forget_pid "${TPID[lameduck]}" $LD_TCP_PID $LD_TLS_PID; LD_TCP_PID=""; LD_TLS_PID="" ;;
     ld-*) kill_tree "${TPID[$1]}"; forget_pid "${TPID[$1]}" ;;
     *) kill_tree "${TPID[$1]}"; forget_pid "${TPID[$1]}" ;;
     esac
@@ -377,8 +405,11 @@ tcp_port() {
     nginx) ((NGINX_STREAM)) && echo "$NG_TCP" || echo "";;
     esac
 }
+tls_port() { case $1 in haproxy) echo "$HA_TLS";; nginx) echo "$NG_TLS";; lameduck) echo "$LD_TLS";; *) echo "";; esac; }
 cpu_pids() {   # processes whose CPU/RSS count for TARGET in WORKLOAD
-    if [[ $1 == lameduck && $2 == tcp ]]; then echo "$LD_TCP_PID"; else echo "${TPID[$1]}"; fi
+    if [[ $1 == lameduck && $2 == tcp ]]; then echo "$LD_TCP_PID";
+    elif [[ $1 == lameduck && $2 == tls_* ]]; then echo "$LD_TLS_PID";
+    else echo "${TPID[$1]}"; fi
 }
 client_cpu() { [[ $1 == direct ]] && echo "$DIRECT_CLIENT_CPU" || echo "$CLIENT_CPU"; }
 
@@ -402,6 +433,7 @@ run_one() {   # run_one ROUND WORKLOAD TARGET [IS_RETRY]
     case $w in
     h2) port=$(h2_port "$t") ;;
     tcp) port=$(tcp_port "$t") ;;
+    tls_*) port=$(tls_port "$t") ;;
     *) port=$(h1_port "$t") ;;
     esac
     if [[ -z $port ]]; then
@@ -412,6 +444,7 @@ run_one() {   # run_one ROUND WORKLOAD TARGET [IS_RETRY]
         return 0
     fi
     url="http://127.0.0.1:$port/"
+    [[ $w == tls_* ]] && url="https://127.0.0.1:$port/"
     ccpu=$(client_cpu "$t")
     pids=$(cpu_pids "$t" "$w")
     out="$TMP/out-r$round-$w-$t.txt"
@@ -430,6 +463,15 @@ run_one() {   # run_one ROUND WORKLOAD TARGET [IS_RETRY]
         tool=wrk
         run_fg timeout -k 5 "$guard" taskset -c "$ccpu" wrk -t1 -c"$BIG_CONNS" -d"${DURATION}s" -s "$BENCH_DIR/report.lua" "${url}1m" >"$out" 2>&1 || true ;;
     h2)
+        tool=h2load
+        run_fg timeout -k 5 "$guard" taskset -c "$ccpu" h2load -c16 -m32 -t1 -D "$DURATION" "$url" >"$out" 2>&1 || true ;;
+    tls_h1)   # (h) HTTPS keep-alive: wrk offers no ALPN, so HTTP/1.1 everywhere
+        tool=wrk
+        run_fg timeout -k 5 "$guard" taskset -c "$ccpu" wrk -t1 -c32 -d"${DURATION}s" -s "$BENCH_DIR/report.lua" "$url" >"$out" 2>&1 || true ;;
+    tls_close)   # (i) a new TLS connection (a full handshake, or wrk's resumption) per request
+        tool=wrk
+        run_fg timeout -k 5 "$guard" taskset -c "$ccpu" wrk -t1 -c32 -d"${DURATION}s" -H 'Connection: close' -s "$BENCH_DIR/report.lua" "$url" >"$out" 2>&1 || true ;;
+    tls_h2)   # (j) h2 over TLS, chosen by ALPN
         tool=h2load
         run_fg timeout -k 5 "$guard" taskset -c "$ccpu" h2load -c16 -m32 -t1 -D "$DURATION" "$url" >"$out" 2>&1 || true ;;
     rate)
@@ -491,8 +533,8 @@ main() {
     fi
     if ((NOFILE > 65536)); then NOFILE=65536; fi
 
-    for p in $UP_H1 $UP_H2 $HA_H1 $HA_H2 $HA_TCP $NG_H1 $NG_H2 $NG_TCP $LD_HTTP $LD_ADMIN $LD_TCP $LD_TCP_ADMIN \
-        "${VAR_HTTP[@]}" "${VAR_ADMIN[@]}" $OTELCOL_PORT; do
+    for p in $UP_H1 $UP_H2 $HA_H1 $HA_H2 $HA_TCP $HA_TLS $NG_H1 $NG_H2 $NG_TCP $NG_TLS $LD_HTTP $LD_ADMIN $LD_TCP $LD_TCP_ADMIN \
+        $LD_TLS $LD_TLS_ADMIN "${VAR_HTTP[@]}" "${VAR_ADMIN[@]}" $OTELCOL_PORT; do
         port_busy "$p" && die "port $p is in use (set BASE_PORT=...)"
     done
 
@@ -508,6 +550,7 @@ main() {
     mkdir -p "$TMP/www" "$RESULTS_DIR"
     head -c 1048576 /dev/urandom >"$TMP/www/1m"
     chmod 644 "$TMP/www/1m"
+    make_tls_cert   # the HAProxy and nginx configs name it whatever the workloads
     RESULTS="$TMP/results.jsonl"
     : >"$RESULTS"
 
@@ -528,7 +571,7 @@ main() {
     done
 
     local loadw=()
-    for w in h1 close h2 big tcp rate; do
+    for w in h1 close h2 big tcp rate tls_h1 tls_close tls_h2; do
         if has "$WORKLOADS" "$w"; then loadw+=("$w"); fi
     done
     if ((${#loadw[@]})); then

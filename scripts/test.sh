@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh Debian/Ubuntu machine with Rust:
 # installs the real components the tests drive (HAProxy, Prometheus and
-# promtool, openssl, Python's h11) when they are missing, builds the pinned
+# promtool, openssl, curl, Python's h11) when they are missing, builds the pinned
 # Kubernetes control plane once (cached), then runs every test target and
 # validates the Helm chart and manifests.
 set -euo pipefail
@@ -13,6 +13,8 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(hapr
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
 # The Kubernetes harness (tests/k8s) makes its certificates with openssl.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# tests/tls.rs: HTTPS over HTTP/1.1 and h2 (ALPN) with a real client.
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v umoci >/dev/null 2>&1 || missing+=(umoci) # tests/image.rs: scripts/image.sh builds the OCI image with it
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing test dependencies: ${missing[*]}"

@@ -133,6 +133,36 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_ADMIN_LISTEN", default_value = "0.0.0.0:9901", value_parser = parse_socket_addr)]
     pub admin_listen: SocketAddr,
 
+    /// Certificate chain (PEM, leaf first) for TLS on --listen. With
+    /// --tls-key, --listen speaks TLS only (HTTP mode: h2 or HTTP/1.1 by
+    /// ALPN; TCP mode: cleartext to the app). Reloaded when the file changes
+    /// and on SIGHUP.
+    #[arg(long, env = "LAMEDUCK_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "LAMEDUCK_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign client certificates: with it, every
+    /// client must present a valid one (mTLS); the app gets its identity in
+    /// `x-forwarded-client-cert`. Read at start-up.
+    #[arg(long, env = "LAMEDUCK_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Time a client has to complete the TLS handshake after connecting.
+    #[arg(long, env = "LAMEDUCK_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// Certificate chain (PEM) for TLS on --admin-listen; the admin port is
+    /// cleartext without it (kubelet probes and Prometheus scrape it).
+    #[arg(long, env = "LAMEDUCK_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --admin-tls-cert.
+    #[arg(long, env = "LAMEDUCK_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+
     /// Lame-duck window after SIGTERM: not ready, but still accepting and
     /// serving. With the Kubernetes API, the upper bound: the window ends
     /// earlier once no EndpointSlice routes to the pod (+ the margin below).
@@ -359,8 +389,9 @@ pub struct InjectArgs {
 
 impl InjectArgs {
     /// The lifecycle's configuration for the webhook. The proxy-only fields
-    /// (upstream, mode, body and tunnel timeouts) keep the proxy's defaults
-    /// and are never read: the lifecycle builds no upstream for the webhook.
+    /// (upstream, mode, body and tunnel timeouts, access log) keep the
+    /// proxy's defaults and are not used: the lifecycle builds no upstream
+    /// and no proxy context for the webhook.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         // The proxy's defaults (and LAMEDUCK_* environment), then the
         // injector's own values on top.
@@ -380,6 +411,9 @@ impl InjectArgs {
         proxy.log_level = self.log_level;
         proxy.log_level_file = None;
         proxy.worker_threads = 1;
+        // The webhook's certificate is its own (--tls-cert above, the same
+        // variables): not a TLS proxy listener as well.
+        (proxy.tls_cert, proxy.tls_key, proxy.tls_client_ca) = (None, None, None);
         proxy.into_config()
     }
 }
@@ -419,6 +453,19 @@ pub struct Config {
     pub access_log_query: bool,
     pub trace_sample_ratio: f64,
     pub otlp_endpoint: Option<String>,
+    /// TLS on --listen (--tls-cert, --tls-key, --tls-client-ca).
+    pub tls: Option<TlsSettings>,
+    /// TLS on --admin-listen (--admin-tls-cert, --admin-tls-key).
+    pub admin_tls: Option<TlsSettings>,
+    pub tls_handshake_timeout: Duration,
+}
+
+/// Files of one TLS listener, as given; read and checked at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -441,6 +488,31 @@ pub enum ConfigError {
         "--otlp-endpoint {0:?} is not an http:// URL with a host (e.g. http://otel-collector:4318)"
     )]
     OtlpEndpoint(String),
+    #[error("{given} needs {missing} too")]
+    IncompleteTls {
+        given: &'static str,
+        missing: &'static str,
+    },
+}
+
+/// The TLS files of one listener, complete or absent.
+fn tls_pair(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    (cert_flag, key_flag): (&'static str, &'static str),
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::IncompleteTls {
+            given: cert_flag,
+            missing: key_flag,
+        }),
+        (None, Some(_)) => Err(ConfigError::IncompleteTls {
+            given: key_flag,
+            missing: cert_flag,
+        }),
+    }
 }
 
 impl ProxyArgs {
@@ -463,6 +535,7 @@ impl ProxyArgs {
             ("send-timeout", self.send_timeout),
             ("upstream-connect-timeout", self.upstream_connect_timeout),
             ("upstream-timeout", self.upstream_timeout),
+            ("tls-handshake-timeout", self.tls_handshake_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration { flag });
@@ -483,6 +556,18 @@ impl ProxyArgs {
                 return Err(ConfigError::OtlpEndpoint(endpoint.clone()));
             }
         }
+        let tls = tls_pair(self.tls_cert, self.tls_key, ("--tls-cert", "--tls-key"))?;
+        if self.tls_client_ca.is_some() && tls.is_none() {
+            return Err(ConfigError::IncompleteTls {
+                given: "--tls-client-ca",
+                missing: "--tls-cert and --tls-key",
+            });
+        }
+        let admin_tls = tls_pair(
+            self.admin_tls_cert,
+            self.admin_tls_key,
+            ("--admin-tls-cert", "--admin-tls-key"),
+        )?;
         let upstream = resolve_upstream(&self.upstream)?;
         Ok(Config {
             listen: self.listen,
@@ -516,6 +601,17 @@ impl ProxyArgs {
             access_log_query: self.access_log_query,
             trace_sample_ratio: self.trace_sample_ratio,
             otlp_endpoint: self.otlp_endpoint,
+            tls: tls.map(|(cert, key)| TlsSettings {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            admin_tls: admin_tls.map(|(cert, key)| TlsSettings {
+                cert,
+                key,
+                client_ca: None,
+            }),
+            tls_handshake_timeout: self.tls_handshake_timeout,
         })
     }
 }

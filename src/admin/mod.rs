@@ -22,6 +22,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
+
+use crate::tls::Handshaker;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +68,7 @@ impl AdminServer {
         listener: TcpListener,
         lifecycle: Arc<DrainState>,
         events: mpsc::Sender<Event>,
+        tls: Option<Handshaker>,
     ) -> Self {
         let state = Arc::new(AdminState {
             lifecycle,
@@ -80,6 +83,7 @@ impl AdminServer {
             state.clone(),
             shutdown.clone(),
             connections.clone(),
+            tls,
         ));
         AdminServer {
             state,
@@ -114,6 +118,7 @@ async fn accept(
     state: Arc<AdminState>,
     shutdown: CancellationToken,
     connections: TaskTracker,
+    tls: Option<Handshaker>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     let peers = Arc::new(PeerSlots::default());
@@ -137,8 +142,27 @@ async fn accept(
         };
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
             let _slots = (slot, peer_slot);
+            // Boxed: admin traffic is a probe or a scrape at a time, and one
+            // connection type keeps one hyper instantiation for both.
+            let stream: Box<dyn Stream> = match tls {
+                None => Box::new(stream),
+                Some(handshaker) => {
+                    let accepted = tokio::select! {
+                        accepted = handshaker.accept(stream) => accepted,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match accepted {
+                        Ok(stream) => Box::new(stream),
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "admin TLS handshake failed");
+                            return;
+                        }
+                    }
+                }
+            };
             let hook = Arc::new(DrainedClient {
                 state: state.clone(),
                 marked: AtomicBool::new(false),
@@ -165,6 +189,10 @@ async fn accept(
         });
     }
 }
+
+/// An admin connection: the socket, or a TLS session on it.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 /// An admin connection that has asked `GET /drained`: counted in
 /// `AdminState::drained_clients` from then until it closes.

@@ -24,15 +24,18 @@ use crate::kube::{DrainEvent, EndpointsReleased, Kube, KubeError, PodFacts};
 use deadline::{DeadlineFacts, drain_deadline};
 
 use crate::admin::AdminServer;
-use crate::config::{AccessLogFormat, Config};
+use crate::config::{AccessLogFormat, Config, Mode, TlsSettings};
 use crate::inject::{self, Injector};
-use crate::metrics::{DeadlineSource, Metrics, WindowEnd};
+use crate::metrics::{DeadlineSource, Metrics, TlsListener, WindowEnd};
 use crate::observe::Observer;
 use crate::observe::access_log::{self, AccessLog, Destination};
 use crate::observe::otlp::{self, SpanCounters, SpanSink, TimelineEvent};
 use crate::proxy::{self, ProxyContext, upstream::Upstream};
 use crate::telemetry::{LogReloader, ReloadOutcome};
-use crate::tls::{self, ReloadSignal};
+use crate::tls::{
+    ALPN_HTTP, CertFiles, ClientCa, DEFAULT_POLL_INTERVAL, Handshaker, ReloadSignal,
+    ReloadableCert, TlsError,
+};
 use opentelemetry::KeyValue;
 use std::sync::Mutex;
 
@@ -63,6 +66,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -85,9 +90,6 @@ fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError>
 /// yet; an error here leaves nothing half-started.
 pub struct Bound {
     signals: signals::OsSignals,
-    /// Created at start-up so that what start-up loads (certificates) can
-    /// register its figures; `run` shares them.
-    pub metrics: Metrics,
     proxy: TcpListener,
     admin: TcpListener,
     /// The bound addresses (a port 0 in the flags is resolved here).
@@ -95,12 +97,92 @@ pub struct Bound {
     pub admin_addr: SocketAddr,
     /// Where the access log goes, opened here so a bad path fails start-up.
     access_log: Option<Destination>,
+    /// Created here: the certificates loaded at start-up (the webhook's
+    /// too, by `main`) report into it; `run` shares it.
+    pub metrics: Metrics,
+    proxy_tls: Option<ListenerTls>,
+    admin_tls: Option<ListenerTls>,
+}
+
+/// A TLS listener's certificate (watched for changes) and handshake.
+struct ListenerTls {
+    cert: Arc<ReloadableCert>,
+    handshaker: Handshaker,
+}
+
+/// Loads and checks a listener's certificate, key and client CA: a missing,
+/// unreadable or mismatched file is a start-up error naming its flag.
+fn load_tls(
+    settings: &TlsSettings,
+    (cert_flag, key_flag): (&'static str, &'static str),
+    listener: TlsListener,
+    alpn: &[&[u8]],
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<ListenerTls, StartError> {
+    let files = CertFiles {
+        cert: settings.cert.clone(),
+        key: settings.key.clone(),
+        cert_flag,
+        key_flag,
+    };
+    let tls_metrics = metrics.tls(listener);
+    let cert = ReloadableCert::load(files, tls_metrics.clone())?;
+    let client_ca = settings
+        .client_ca
+        .as_deref()
+        .map(|path| ClientCa::load(path, "--tls-client-ca"))
+        .transpose()?;
+    let server_config = crate::tls::server_config(cert.clone(), alpn, client_ca.as_ref())?;
+    let loaded = cert.current();
+    tracing::info!(
+        listener = listener.as_str(),
+        cert = %settings.cert.display(),
+        subject = %loaded.subject,
+        not_after = loaded.not_after,
+        client_certificates = client_ca.is_some(),
+        "TLS certificate loaded"
+    );
+    Ok(ListenerTls {
+        cert,
+        handshaker: Handshaker::new(server_config, config.tls_handshake_timeout, tls_metrics),
+    })
 }
 
 /// Must be called inside the runtime (signal handlers register with it).
 pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
     let signals = signals::OsSignals::register().map_err(StartError::Signals)?;
     crate::kube::precheck(&config.kube).map_err(StartError::Kubernetes)?;
+    let metrics = Metrics::new();
+    // TCP mode relays whatever the client speaks inside TLS: no ALPN.
+    let proxy_alpn = match config.mode {
+        Mode::Http => ALPN_HTTP,
+        Mode::Tcp => &[],
+    };
+    let proxy_tls = config
+        .tls
+        .as_ref()
+        .map(|tls| {
+            let flags = ("--tls-cert", "--tls-key");
+            load_tls(tls, flags, TlsListener::Proxy, proxy_alpn, config, &metrics)
+        })
+        .transpose()?;
+    // The admin server speaks HTTP/1.1 only.
+    let admin_tls = config
+        .admin_tls
+        .as_ref()
+        .map(|tls| {
+            let flags = ("--admin-tls-cert", "--admin-tls-key");
+            load_tls(
+                tls,
+                flags,
+                TlsListener::Admin,
+                &[b"http/1.1"],
+                config,
+                &metrics,
+            )
+        })
+        .transpose()?;
     let proxy = bind("--listen", config.listen)?;
     let admin = bind("--admin-listen", config.admin_listen)?;
     let access_log = match config.access_log {
@@ -116,8 +198,10 @@ pub fn bind_all(config: &Config) -> Result<Bound, StartError> {
     };
     Ok(Bound {
         access_log,
+        metrics,
+        proxy_tls,
+        admin_tls,
         signals,
-        metrics: Metrics::new(),
         proxy_addr: proxy.local_addr().unwrap_or(config.listen),
         admin_addr: admin.local_addr().unwrap_or(config.admin_listen),
         proxy,
@@ -141,20 +225,29 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
     let (proxy_addr, admin_addr) = (bound.proxy_addr, bound.admin_addr);
 
     let mut metrics = bound.metrics;
-    // Certificates are re-read when their files change and on SIGHUP; the
-    // tasks doing it are owned here and stopped at exit.
-    let tls_reload = ReloadSignal::new();
+    // Certificate watchers (polled files and SIGHUP), owned here, stopped
+    // once the admin server (the last TLS user) is gone.
     let tls_watchers = TaskTracker::new();
-    let stop_watchers = CancellationToken::new();
+    let tls_stop = CancellationToken::new();
+    let tls_reload = ReloadSignal::new();
+    let mut certificates: Vec<Arc<ReloadableCert>> = [&bound.proxy_tls, &bound.admin_tls]
+        .into_iter()
+        .flatten()
+        .map(|tls| tls.cert.clone())
+        .collect();
     if let Service::Webhook(injector) = &service {
         injector.metrics.register(metrics.registry_mut());
-        tls_watchers.spawn(tls::watch_files(
-            injector.certificate().clone(),
+        certificates.push(injector.certificate().clone());
+    }
+    for cert in &certificates {
+        tls_watchers.spawn(crate::tls::watch_files(
+            cert.clone(),
             tls_reload.subscribe(),
-            tls::DEFAULT_POLL_INTERVAL,
-            stop_watchers.clone(),
+            DEFAULT_POLL_INTERVAL,
+            tls_stop.clone(),
         ));
     }
+    let any_tls = !certificates.is_empty();
     let lifecycle = Arc::new(DrainState::new(metrics));
     let connections = TaskTracker::new();
     let observability = Observability::start(&config, bound.access_log, &lifecycle.metrics);
@@ -178,7 +271,8 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
                     upstream.clone(),
                     connections.clone(),
                 )
-                .with_observer(observability.observer.clone()),
+                .with_observer(observability.observer.clone())
+                .with_tls(bound.proxy_tls.map(|tls| tls.handshaker)),
             );
             let accept_loop = tokio::spawn(proxy::serve(proxy_listener, ctx));
             let probe = tokio::spawn(probe_upstream(
@@ -211,7 +305,12 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
             )
         }
     };
-    let admin = AdminServer::start(admin_listener, lifecycle.clone(), events_tx);
+    let admin = AdminServer::start(
+        admin_listener,
+        lifecycle.clone(),
+        events_tx,
+        bound.admin_tls.map(|tls| tls.handshaker),
+    );
     // Facts, never control: the API client connects in the background (the
     // proxy serves meanwhile) and is consulted when the drain starts.
     let kube_connect = {
@@ -228,7 +327,7 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
         lifecycle: &lifecycle,
         events,
         logs,
-        tls_reload,
+        tls_reload: any_tls.then_some(tls_reload),
         force_on_signal: false,
         // Set when the drain starts.
         deadline: Instant::now() + config.drain_timeout,
@@ -290,11 +389,11 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
     if outcome == Outcome::Graceful {
         driver.linger().await;
     }
-    stop_watchers.cancel();
-    tls_watchers.close();
-    tls_watchers.wait().await;
     // The admin server goes last: /metrics and /ready answered until the end.
     admin.shutdown(CLOSE_GRACE).await;
+    tls_stop.cancel();
+    tls_watchers.close();
+    tls_watchers.wait().await;
     drop(signal_task);
     outcome
 }
@@ -433,8 +532,8 @@ struct Driver<'a> {
     lifecycle: &'a Arc<DrainState>,
     events: mpsc::Receiver<Event>,
     logs: LogReloader,
-    /// SIGHUP also re-reads the certificates.
-    tls_reload: ReloadSignal,
+    /// Asks the certificate watchers to reload (SIGHUP), when TLS is on.
+    tls_reload: Option<ReloadSignal>,
     /// A stop signal forces the exit (true once a signal started the drain).
     force_on_signal: bool,
     /// The hard deadline; moved once the pod's deletionTimestamp is known.
@@ -467,7 +566,11 @@ impl<'a> Driver<'a> {
     }
 
     fn reload(&self) {
-        self.tls_reload.trigger();
+        if let Some(tls) = &self.tls_reload {
+            // The watchers log the outcome, one line per certificate.
+            tracing::info!("SIGHUP: reloading the TLS certificates");
+            tls.trigger();
+        }
         match self.logs.reload() {
             Ok(ReloadOutcome::Applied(filter)) => {
                 tracing::info!(%filter, "SIGHUP: log filter reloaded")

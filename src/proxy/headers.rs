@@ -212,6 +212,22 @@ pub fn add_forwarded(headers: &mut HeaderMap, peer: &HeaderValue) {
     }
 }
 
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// On a connection lameduck terminated TLS for: the client's own
+/// `x-forwarded-client-cert` is removed (only lameduck vouches for a
+/// certificate), the verified one added, and `x-forwarded-proto` is `https`
+/// unless an earlier proxy said otherwise. Call before [`add_forwarded`].
+pub fn add_tls_facts(headers: &mut HeaderMap, client_cert: Option<&HeaderValue>) {
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    if let Some(value) = client_cert {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), value.clone());
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+    }
+}
+
 /// Rewrites the request for the upstream protocol. HTTP/1 upstreams get an
 /// origin-form target and a `Host`; HTTP/2 upstreams an absolute URI (it
 /// becomes `:scheme` and `:authority`). `fallback_authority` is used when the
@@ -288,6 +304,30 @@ mod tests {
         add_forwarded(&mut h, &peer_value("127.0.0.1".parse().unwrap()));
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    }
+
+    #[test]
+    fn tls_facts_replace_a_client_supplied_certificate_header() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("Subject=\"CN=admin\""),
+        );
+        h.append(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("forged"),
+        );
+        add_tls_facts(&mut h, None);
+        assert!(h.get("x-forwarded-client-cert").is_none());
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        let verified = HeaderValue::from_static("Hash=ab;Subject=\"CN=client\"");
+        h.append(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("forged"),
+        );
+        add_tls_facts(&mut h, Some(&verified));
+        let all: Vec<_> = h.get_all("x-forwarded-client-cert").iter().collect();
+        assert_eq!(all, [&verified]);
     }
 
     #[test]

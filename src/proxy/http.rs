@@ -84,10 +84,14 @@ pub async fn serve_connection(
         guard: guard.clone(),
         activity: activity.clone(),
         downstream_h2: protocol == Protocol::Http2,
+        tls: None,
     });
     if protocol == Protocol::Http1 && !ctx.upstream.is_http2() {
         // lameduck's own HTTP/1 path; hyper takes over what it does not handle.
-        let (stream, sniffed, send_timer) = io.into_parts();
+        // A sniffed connection is a socket, so the parts are always there.
+        let Some((stream, sniffed, send_timer)) = io.into_parts() else {
+            return;
+        };
         let served = tokio::select! {
             handoff = h1::Connection::new(&shared, stream, sniffed, send_timer).serve() => handoff,
             () = tokens.force.cancelled() => {
@@ -112,6 +116,55 @@ pub async fn serve_connection(
         ctx, io, service, guard, activity, protocol,
     ))
     .await;
+}
+
+/// A connection lameduck terminated TLS for (`proxy::tls`, handshake done,
+/// counted since accept): ALPN chose the protocol, and hyper serves both
+/// (lameduck's own HTTP/1 path works on plain sockets only).
+pub async fn serve_tls_connection(
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    first: Vec<u8>,
+    peer: SocketAddr,
+    mut guard: ConnectionGuard,
+    ctx: Arc<ProxyContext>,
+    tls: TlsFacts,
+) {
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
+    guard.set_protocol(protocol);
+    let guard = Arc::new(guard);
+    let activity = Arc::new(ConnActivity::new());
+    let send_timer = SendTimer::new(
+        ctx.config.send_timeout,
+        ctx.lifecycle.metrics.timeout_counter(TimeoutKind::Send),
+    );
+    let io = ServerIo::new(
+        super::io::Downstream::Tls(Box::new(stream)),
+        first,
+        activity.clone(),
+        protocol,
+        send_timer,
+    );
+    let service = ProxyService(Arc::new(ConnShared {
+        ctx: ctx.clone(),
+        peer_value: headers::peer_value(peer.ip()),
+        guard: guard.clone(),
+        activity: activity.clone(),
+        downstream_h2: protocol == Protocol::Http2,
+        tls: Some(tls),
+    }));
+    Box::pin(serve_with_hyper(
+        ctx, io, service, guard, activity, protocol,
+    ))
+    .await;
+}
+
+/// What a TLS connection tells every request on it.
+pub struct TlsFacts {
+    /// The verified client certificate as `x-forwarded-client-cert`.
+    pub client_cert: Option<HeaderValue>,
 }
 
 async fn serve_with_hyper(
@@ -160,6 +213,10 @@ async fn drive<C>(
     let mut shutting_down = false;
     loop {
         tokio::select! {
+            // The connection first: on a connection that arrives with the
+            // shutdown already due, hyper must read the request it was
+            // handed before it is told to close as idle (hyperium/hyper#3792).
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
@@ -225,6 +282,8 @@ pub struct ConnShared {
     guard: Arc<ConnectionGuard>,
     pub activity: Arc<ConnActivity>,
     downstream_h2: bool,
+    /// Set when the connection is TLS terminated by lameduck.
+    tls: Option<TlsFacts>,
 }
 
 #[derive(Clone)]
@@ -313,6 +372,9 @@ impl ConnShared {
                 req.headers_mut().insert(header::UPGRADE, protocol);
                 req.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
+            if let Some(tls) = &self.tls {
+                headers::add_tls_facts(req.headers_mut(), tls.client_cert.as_ref());
             }
             headers::add_forwarded(req.headers_mut(), &self.peer_value);
             if headers::set_upstream_target(&mut req, upstream.is_http2(), upstream.authority())

@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep, sleep, timeout};
+use tokio_rustls::server::TlsStream;
 
 use super::guard::ConnActivity;
 use crate::metrics::Protocol;
@@ -30,8 +31,72 @@ struct Replay {
     start: usize,
 }
 
+/// The client's connection as hyper reads it: the socket, or a TLS session
+/// on it (terminated by lameduck; see `proxy::tls`). Boxed: a TLS session is
+/// large and most deployments never make one.
+pub enum Downstream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl From<TcpStream> for Downstream {
+    fn from(stream: TcpStream) -> Self {
+        Downstream::Tcp(stream)
+    }
+}
+
+macro_rules! on_stream {
+    ($self:expr, $stream:ident => $body:expr) => {
+        match $self {
+            Downstream::Tcp($stream) => $body,
+            Downstream::Tls($stream) => $body,
+        }
+    };
+}
+
+impl AsyncRead for Downstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Downstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        on_stream!(self, s => s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    /// On a TLS session: close_notify, then the TCP write shutdown.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
 pub struct ServerIo {
-    stream: TcpStream,
+    stream: Downstream,
     replay: Replay,
     activity: Arc<ConnActivity>,
     track_heads: bool,
@@ -167,14 +232,14 @@ pub async fn sniff(
 impl ServerIo {
     /// `read` is replayed to hyper before anything else from the socket.
     pub fn new(
-        stream: TcpStream,
+        stream: impl Into<Downstream>,
         read: Vec<u8>,
         activity: Arc<ConnActivity>,
         protocol: Protocol,
         send: SendTimer,
     ) -> Self {
         ServerIo {
-            stream,
+            stream: stream.into(),
             replay: Replay {
                 buf: read,
                 start: 0,
@@ -185,11 +250,15 @@ impl ServerIo {
         }
     }
 
-    /// The socket, the bytes not yet replayed, and the send timer.
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>, SendTimer) {
+    /// The socket, the bytes not yet replayed, and the send timer; `None`
+    /// for a TLS session (lameduck's own HTTP/1 path works on sockets only).
+    pub fn into_parts(self) -> Option<(TcpStream, Vec<u8>, SendTimer)> {
+        let Downstream::Tcp(stream) = self.stream else {
+            return None;
+        };
         let mut read = self.replay.buf;
         read.drain(..self.replay.start);
-        (self.stream, read, self.send)
+        Some((stream, read, self.send))
     }
 }
 

@@ -14,6 +14,7 @@ pub mod io;
 pub mod relay;
 pub mod rules;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 use std::io::ErrorKind;
@@ -52,6 +53,8 @@ pub struct ProxyContext {
     pub upstream_failure_log: LogBudget,
     /// Access log, trace sampling (and span export): see `crate::observe`.
     pub observer: Observer,
+    /// TLS on the listener (--tls-cert): every connection's handshake.
+    pub tls: Option<crate::tls::Handshaker>,
     http1: http1::Builder,
     http2: http2::Builder<TrackedExecutor>,
 }
@@ -97,9 +100,16 @@ impl ProxyContext {
             tasks,
             upstream_failure_log: LogBudget::new(UPSTREAM_FAILURE_LOGS_PER_SECOND),
             observer,
+            tls: None,
             http1,
             http2,
         }
+    }
+
+    /// Terminates TLS on every connection with `handshaker`.
+    pub fn with_tls(mut self, handshaker: Option<crate::tls::Handshaker>) -> Self {
+        self.tls = handshaker;
+        self
     }
 }
 
@@ -145,6 +155,16 @@ fn spawn_connection(ctx: &Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr
         return;
     };
     let _ = stream.set_nodelay(true);
+    if let Some(handshaker) = &ctx.tls {
+        ctx.tasks.spawn(tls::serve_connection(
+            stream,
+            peer,
+            guard,
+            ctx.clone(),
+            handshaker.clone(),
+        ));
+        return;
+    }
     match ctx.config.mode {
         Mode::Http => ctx
             .tasks

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::ProxyContext;
 use super::relay::{RelayEnd, Transferred, relay};
@@ -15,11 +15,13 @@ use crate::drain::ConnectionGuard;
 use crate::metrics::Protocol;
 use crate::observe::access_log::{End, Entry};
 
-pub async fn serve_stream(
-    mut client: TcpStream,
-    mut guard: ConnectionGuard,
-    ctx: Arc<ProxyContext>,
-) {
+/// `client` is the accepted socket, or the TLS session on it (`proxy::tls`):
+/// the app gets the decrypted bytes, and the client's close_notify or ours
+/// travels as the FIN it stands for.
+pub async fn serve_stream<S>(mut client: S, mut guard: ConnectionGuard, ctx: Arc<ProxyContext>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     guard.set_protocol(Protocol::Tcp);
     let started = Instant::now();
     let mut entry = ctx.observer.access_log.is_some().then(|| {

@@ -87,10 +87,14 @@ impl Handshaker {
     pub async fn accept(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, HandshakeError> {
         let _in_progress = InProgress::start(&self.metrics.handshakes_in_progress);
         let deadline = Instant::now() + self.timeout;
-        let outcome = tokio::time::timeout_at(deadline, self.handshake(tcp, deadline)).await;
-        let result = match outcome {
-            Ok(result) => result,
-            Err(_) => Err(HandshakeError {
+        let handshake = self.handshake(tcp, deadline);
+        let mut handshake = std::pin::pin!(handshake);
+        // Not `timeout()`: on expiry the socket must still be open while the
+        // failure is counted, so a client that sees the close also sees it
+        // in the metrics (it is closed when `handshake` drops, below).
+        let result = tokio::select! {
+            result = &mut handshake => result,
+            () = tokio::time::sleep_until(deadline) => Err(HandshakeError {
                 reason: HandshakeFailure::Timeout,
                 detail: format!("not finished within {:?}", self.timeout),
             }),
@@ -182,7 +186,11 @@ pub(super) fn reason_of(e: &rustls::Error) -> HandshakeFailure {
         Error::PeerIncompatible(
             PeerIncompatible::Tls12NotOffered
             | PeerIncompatible::Tls12NotOfferedOrEnabled
-            | PeerIncompatible::SupportedVersionsExtensionRequired,
+            | PeerIncompatible::SupportedVersionsExtensionRequired
+            // signature_algorithms is a TLS 1.2 extension (RFC 5246
+            // §7.4.1.4.1): a hello without it is a TLS 1.0/1.1 one, which
+            // rustls refuses on this ground before it looks at the version.
+            | PeerIncompatible::SignatureAlgorithmsExtensionRequired,
         ) => HandshakeFailure::ProtocolVersion,
         Error::PeerIncompatible(_) | Error::NoApplicationProtocol => HandshakeFailure::Incompatible,
         Error::NoCertificatesPresented | Error::InvalidCertificate(_) => {

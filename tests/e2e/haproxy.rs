@@ -24,6 +24,10 @@ pub struct Backend {
     pub name: String,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The lameduck terminates TLS (--tls-cert): HAProxy connects with
+    /// `ssl verify required` against this CA (the certificate names
+    /// `localhost`); the health check stays cleartext, on the admin port.
+    pub tls_ca: Option<PathBuf>,
 }
 
 pub struct Haproxy {
@@ -79,11 +83,19 @@ pub fn config(front: Front, listen: SocketAddr, stats: SocketAddr, backends: &[B
     for b in backends {
         // The check goes to lameduck's admin port; with `proto h2` the check
         // must still speak HTTP/1 (the admin server is HTTP/1 only).
-        let proto = if front == Front::Http2 {
-            " proto h2 check-proto h1"
+        let mut proto = if front == Front::Http2 {
+            " proto h2 check-proto h1".to_string()
         } else {
-            ""
+            String::new()
         };
+        if let Some(ca) = &b.tls_ca {
+            write!(
+                proto,
+                " ssl verify required ca-file {} verifyhost localhost sni str(localhost) no-check-ssl",
+                ca.display()
+            )
+            .unwrap();
+        }
         writeln!(
             c,
             "    server {} {} check port {} inter 200ms fall 1 rise 2{proto}",

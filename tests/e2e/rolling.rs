@@ -26,11 +26,13 @@ pub fn backends(a: &Pod, b: &Pod) -> Vec<Backend> {
             name: "a".into(),
             proxy: a.proxy,
             admin: a.admin,
+            tls_ca: None,
         },
         Backend {
             name: "b".into(),
             proxy: b.proxy,
             admin: b.admin,
+            tls_ca: None,
         },
     ]
 }
@@ -44,6 +46,9 @@ pub struct Scenario {
     pub kill_at: Duration,
     pub max_requests: u64,
     pub drain_delay: Duration,
+    /// The pods terminate TLS (pod_extra has their --tls-cert/--tls-key) and
+    /// HAProxy verifies them against this CA.
+    pub backend_tls_ca: Option<std::path::PathBuf>,
 }
 
 /// What a rolling run measured (times relative to the load's epoch).
@@ -98,7 +103,11 @@ pub async fn rolling(s: Scenario) -> Run {
     a_extra.extend(a_extra_env.split_whitespace());
     let a = Pod::start("pod-a", ip(POD_A), None, &a_extra).await;
     let b = Pod::start("pod-b", ip(POD_B), None, &s.pod_extra).await;
-    let mut hap = Haproxy::start(s.front, &backends(&a, &b)).await;
+    let mut pods = backends(&a, &b);
+    for backend in &mut pods {
+        backend.tls_ca = s.backend_tls_ca.clone();
+    }
+    let mut hap = Haproxy::start(s.front, &pods).await;
     let mut a = a;
     let epoch = Instant::now();
     let epoch_unix = unix_now();
@@ -327,7 +336,79 @@ fn h1_scenario(proto: ClientProto, front: Front, max_requests: u64) -> Scenario 
         kill_at: ms(2500),
         max_requests,
         drain_delay: secs(2),
+        backend_tls_ca: None,
     }
+}
+
+/// A CA and a `localhost` server certificate made by the openssl CLI.
+fn tls_files(dir: &std::path::Path) -> (std::path::PathBuf, String, String) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=e2e CA",
+        ],
+    ]
+    .concat());
+    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat());
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "tls.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext",
+    ]);
+    let path = |name: &str| dir.join(name).display().to_string();
+    (dir.join("ca.crt"), path("tls.crt"), path("tls.key"))
 }
 
 #[test]
@@ -363,6 +444,23 @@ fn rolling_h2c_to_haproxy_and_h2_to_lameduck_zero_failures() {
 }
 
 #[test]
+fn rolling_https_to_lameduck_behind_haproxy_ssl_verify_required_zero_failures() {
+    run_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, crt, key) = tls_files(dir.path());
+        // Scenario flags are 'static; the strings live until the process ends.
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let mut s = h1_scenario(ClientProto::H1KeepAlive, Front::Http1, 60_000);
+        s.pod_extra = vec!["--tls-cert", leak(crt), "--tls-key", leak(key)];
+        s.backend_tls_ca = Some(ca);
+        let run = rolling(s).await;
+        // Zero failures proves TLS on both sides: HAProxy speaking TLS to a
+        // cleartext port, or cleartext to the TLS port (a 400), would fail.
+        run.assert_zero_failures_and_consistent_summary("https backends", true);
+    });
+}
+
+#[test]
 fn rolling_requests_longer_than_the_lame_duck_window_finish() {
     run_test(async {
         let s = Scenario {
@@ -383,6 +481,7 @@ fn rolling_requests_longer_than_the_lame_duck_window_finish() {
             kill_at: ms(1500),
             max_requests: 60_000,
             drain_delay: secs(1),
+            backend_tls_ca: None,
         };
         let window = s.drain_delay;
         let run = rolling(s).await;
@@ -420,6 +519,7 @@ fn rolling_tcp_mode_zero_failures() {
             kill_at: ms(2500),
             max_requests: 60_000,
             drain_delay: secs(2),
+            backend_tls_ca: None,
         })
         .await;
         run.assert_zero_failures_and_consistent_summary("tcp", false);
