@@ -5,8 +5,10 @@
 //! only reads it, through atomics, so readiness and the hot path never wait on
 //! a lock.
 
+mod accept;
 mod connections;
 
+pub use accept::accept_until_stopped;
 pub use connections::{ConnectionGuard, ConnectionTracker, wait_for_zero};
 
 use std::sync::OnceLock;

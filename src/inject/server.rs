@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use super::review::{ReviewError, review};
 use super::{Injector, WebhookMetrics};
-use crate::drain::{ConnectionGuard, DrainState};
+use crate::drain::{ConnectionGuard, DrainState, accept_until_stopped};
 use crate::metrics::Protocol;
 use crate::proxy::TrackedExecutor;
 use crate::proxy::guard::{ConnActivity, RequestGuard};
@@ -50,25 +50,10 @@ pub struct WebhookContext {
 /// Accepts until the lame-duck window ends, then closes the listener.
 pub async fn serve(listener: TcpListener, ctx: Arc<WebhookContext>) {
     let stop = ctx.lifecycle.tokens.stop_accepting.clone();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => spawn_connection(&ctx, stream, peer),
-            Err(e) => {
-                tracing::debug!(error = %e, "webhook accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    // Connections the kernel completed before the stop would be reset by the close.
-    while let Ok(Ok((stream, peer))) = timeout(Duration::ZERO, listener.accept()).await {
-        spawn_connection(&ctx, stream, peer);
-    }
-    drop(listener);
+    accept_until_stopped(listener, &stop, |stream, peer| {
+        spawn_connection(&ctx, stream, peer)
+    })
+    .await;
     tracing::info!(
         connections_active = ctx.lifecycle.connections.active(),
         "webhook listener closed"

@@ -17,20 +17,17 @@ pub mod tcp;
 pub mod tls;
 pub mod upstream;
 
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::timeout;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Mode};
-use crate::drain::ConnectionGuard;
 use crate::drain::DrainState;
+use crate::drain::{ConnectionGuard, accept_until_stopped};
 use crate::observe::Observer;
 use crate::telemetry::LogBudget;
 use headers::RequestIds;
@@ -124,23 +121,10 @@ impl ProxyContext {
 /// Accepts until the lame-duck window ends, then closes the listener.
 pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>) {
     let stop = ctx.lifecycle.tokens.stop_accepting.clone();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => spawn_connection(&ctx, stream, peer),
-            Err(e) => accept_failed(e).await,
-        }
-    }
-    // Connections the kernel completed before we stopped would be reset by the
-    // close: serve them too (they get `Connection: close`).
-    while let Ok(Ok((stream, peer))) = timeout(Duration::ZERO, listener.accept()).await {
-        spawn_connection(&ctx, stream, peer);
-    }
-    drop(listener);
+    accept_until_stopped(listener, &stop, |stream, peer| {
+        spawn_connection(&ctx, stream, peer)
+    })
+    .await;
     tracing::info!(
         connections_active = ctx.lifecycle.connections.active(),
         "listener closed"
@@ -173,16 +157,4 @@ fn spawn_connection(ctx: &Arc<ProxyContext>, stream: TcpStream, peer: SocketAddr
             .tasks
             .spawn(tcp::serve_stream(stream, guard, ctx.clone())),
     };
-}
-
-async fn accept_failed(error: std::io::Error) {
-    // Per-connection failures (the peer gave up) are routine; running out of
-    // file descriptors is not, and retrying at once would spin.
-    match error.kind() {
-        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted => {}
-        _ => {
-            tracing::warn!(error = %error, "accept failed; retrying shortly");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
