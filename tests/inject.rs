@@ -51,7 +51,11 @@ impl Webhook {
         k8s::serving_certificate(dir.path(), "webhook", "IP:127.0.0.1").expect("certificate");
         let config = dir.path().join("sidecar.json");
         std::fs::write(&config, settings.to_string()).unwrap();
-        let injector = spawn_injector(dir.path(), &config, &[]);
+        let (cert, key) = (
+            dir.path().join("webhook.crt"),
+            dir.path().join("webhook.key"),
+        );
+        let injector = spawn_injector(&cert, &key, &config);
         Webhook { dir, injector }
     }
 
@@ -65,9 +69,7 @@ impl Webhook {
     }
 }
 
-fn spawn_injector(dir: &Path, config: &Path, extra: &[&str]) -> Lameduck {
-    let cert = dir.join("webhook.crt");
-    let key = dir.join("webhook.key");
+fn spawn_injector(cert: &Path, key: &Path, config: &Path) -> Lameduck {
     let mut args = vec![
         "--tls-cert",
         cert.to_str().unwrap(),
@@ -85,7 +87,6 @@ fn spawn_injector(dir: &Path, config: &Path, extra: &[&str]) -> Lameduck {
     if std::env::var_os("LAMEDUCK_RECORD_REVIEWS").is_some() {
         args.extend(["--log-level", "info,lameduck::inject=trace"]);
     }
-    args.extend(extra);
     Lameduck::spawn_subcommand("inject", &args)
 }
 
@@ -99,17 +100,7 @@ fn repo() -> &'static Path {
 }
 
 fn helm(args: &[&str]) -> String {
-    let out = Command::new(k8s::helm())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("helm output is UTF-8")
+    k8s::run_helm(args)
 }
 
 /// The injector chart, rendered to call `url` (a local process) with `ca`.
@@ -722,19 +713,7 @@ async fn a_rotated_certificate_is_served_without_a_failed_admission() {
     std::fs::write(&config, sidecar_settings().to_string()).unwrap();
     let cert = volume.dir.join("tls.crt");
     let key = volume.dir.join("tls.key");
-    let injector = Lameduck::spawn_subcommand(
-        "inject",
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--sidecar-config",
-            config.to_str().unwrap(),
-            "--kubernetes",
-            "off",
-        ],
-    );
+    let injector = spawn_injector(&cert, &key, &config);
     let url = format!("https://{}/mutate", injector.proxy_addr());
     let ca = base64(&read("webhook-ca.crt"));
     cp.create_namespace(INJECTOR_NS).await;

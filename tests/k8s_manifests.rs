@@ -13,7 +13,6 @@
 mod k8s;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s::{ControlPlane, K8S_VERSION, WAIT, wait_until};
@@ -36,20 +35,11 @@ fn repo() -> &'static Path {
 /// `helm template <release> charts/lameduck --namespace <ns>` for the
 /// control plane's Kubernetes version, plus `args`.
 fn helm_template(release: &str, namespace: &str, args: &[&str]) -> String {
-    let out = Command::new(k8s::helm())
-        .args(["template", release])
-        .arg(repo().join("charts/lameduck"))
-        .args(["--namespace", namespace, "--kube-version", K8S_VERSION])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm template {release} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("helm output is UTF-8")
+    let chart = repo().join("charts/lameduck");
+    let mut all = vec!["template", release, chart.to_str().unwrap()];
+    all.extend(["--namespace", namespace, "--kube-version", K8S_VERSION]);
+    all.extend(args);
+    k8s::run_helm(&all)
 }
 
 fn kinds(objs: &[DynamicObject]) -> Vec<String> {

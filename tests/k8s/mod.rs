@@ -703,6 +703,21 @@ pub fn helm() -> &'static Path {
     })
 }
 
+/// Runs helm with `args` (panics with its stderr on failure); its stdout.
+pub fn run_helm(args: &[&str]) -> String {
+    let out = Command::new(helm())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("helm output is UTF-8")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
