@@ -362,6 +362,18 @@ async fn injected_pods_carry_the_sidecar_the_chart_renders() {
     assert!(token_mount(app).is_some(), "the app has the token: {app:#}");
     assert_eq!(token_mount(sidecar), token_mount(app));
 
+    // What an operator reads (printed for the record; a pod that reads
+    // naturally: the sidecar under Init Containers, the status annotation).
+    if let Some(mut kubectl) = cp.kubectl() {
+        let out = kubectl
+            .args(["describe", "pod", "labelled", "-n", ns])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("kubectl describe pod labelled:\n{text}");
+        assert!(text.contains("lameduck.io/status: injected"), "{text}");
+    }
+
     // Not labelled: unchanged. Opted out in an enabled namespace: unchanged.
     let unlabelled: Pod = serde_json::from_value(json!({
         "metadata": {"name": "unlabelled"},

@@ -10,7 +10,7 @@
 //! - Otherwise: the container (first init container with `restartPolicy:
 //!   Always` for a native sidecar, else the last container), the app
 //!   containers' preStop on `/drained` (an existing preStop is kept and the
-//!   skip recorded in `lameduck.io/skipped`), the grace period raised to what
+//!   skip recorded in `lameduck.io/notes`), the grace period raised to what
 //!   the drain needs (never lowered), the ServiceAccount token mounted as
 //!   the apiserver mounted it into the app, and the scrape annotations unless
 //!   the pod already has its own.
@@ -28,8 +28,9 @@ use super::settings::{DurationSetting, Sidecar, SidecarSettings};
 pub const INJECT_LABEL: &str = "lameduck.io/inject";
 /// What the injector did: `injected`, or `skipped: <reason>`.
 pub const STATUS_ANNOTATION: &str = "lameduck.io/status";
-/// What the injector left as the pod had it (an app's own preStop, …).
-pub const SKIPPED_ANNOTATION: &str = "lameduck.io/skipped";
+/// What the injector left as the pod had it (an app's own preStop, its
+/// prometheus.io annotations) or changed (the grace period raised).
+pub const NOTES_ANNOTATION: &str = "lameduck.io/notes";
 
 /// Per-pod settings, read from annotations; each maps to a sidecar setting.
 pub const ANNOTATIONS: [(&str, &str); 7] = [
@@ -231,7 +232,7 @@ fn plan(
         ]);
     }
     if !kept.is_empty() {
-        new_annotations.push((SKIPPED_ANNOTATION.to_owned(), kept.join("; ")));
+        new_annotations.push((NOTES_ANNOTATION.to_owned(), kept.join("; ")));
     }
     ops.extend(annotation_ops(annotations, new_annotations));
     Injection {

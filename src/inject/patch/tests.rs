@@ -161,7 +161,7 @@ fn an_apps_own_pre_stop_is_kept_and_recorded() {
         "y"
     );
     assert!(out["spec"]["containers"][1]["lifecycle"]["preStop"]["httpGet"].is_object());
-    let skipped = out["metadata"]["annotations"][SKIPPED_ANNOTATION]
+    let skipped = out["metadata"]["annotations"][NOTES_ANNOTATION]
         .as_str()
         .unwrap();
     assert!(skipped.contains("its own preStop kept"), "{skipped}");
@@ -377,7 +377,7 @@ mod props {
                 prop_assert_eq!(second.outcome, Outcome::AlreadyInjected);
             }
             for (k, v) in &entries {
-                if !k.starts_with("lameduck.io/status") && !k.starts_with("lameduck.io/skipped") && !k.starts_with("prometheus.io/") {
+                if !k.starts_with("lameduck.io/status") && !k.starts_with("lameduck.io/notes") && !k.starts_with("prometheus.io/") {
                     prop_assert_eq!(&out["metadata"]["annotations"][k], &json!(v));
                 }
             }
