@@ -45,8 +45,13 @@ struct Webhook {
 }
 
 impl Webhook {
-    /// Makes a CA and a certificate for 127.0.0.1 and starts the injector.
+    /// Makes a CA and a certificate for 127.0.0.1 and starts the injector
+    /// (no lame-duck window).
     fn start(settings: &Value) -> Webhook {
+        Self::start_draining_for(settings, "0s")
+    }
+
+    fn start_draining_for(settings: &Value, drain_delay: &str) -> Webhook {
         let dir = tempfile::tempdir().expect("tempdir");
         k8s::serving_certificate(dir.path(), "webhook", "IP:127.0.0.1").expect("certificate");
         let config = dir.path().join("sidecar.json");
@@ -55,7 +60,7 @@ impl Webhook {
             dir.path().join("webhook.crt"),
             dir.path().join("webhook.key"),
         );
-        let injector = spawn_injector(&cert, &key, &config);
+        let injector = spawn_injector(&cert, &key, &config, drain_delay);
         Webhook { dir, injector }
     }
 
@@ -69,7 +74,7 @@ impl Webhook {
     }
 }
 
-fn spawn_injector(cert: &Path, key: &Path, config: &Path) -> Lameduck {
+fn spawn_injector(cert: &Path, key: &Path, config: &Path, drain_delay: &str) -> Lameduck {
     let mut args = vec![
         "--tls-cert",
         cert.to_str().unwrap(),
@@ -80,7 +85,7 @@ fn spawn_injector(cert: &Path, key: &Path, config: &Path) -> Lameduck {
         "--kubernetes",
         "off",
         "--drain-delay",
-        "0s",
+        drain_delay,
     ];
     // LAMEDUCK_RECORD_REVIEWS=1: log every review received (to refresh
     // src/inject/testdata/ from what this apiserver really sends).
@@ -725,7 +730,7 @@ async fn a_rotated_certificate_is_served_without_a_failed_admission() {
     std::fs::write(&config, sidecar_settings().to_string()).unwrap();
     let cert = volume.dir.join("tls.crt");
     let key = volume.dir.join("tls.key");
-    let injector = spawn_injector(&cert, &key, &config);
+    let injector = spawn_injector(&cert, &key, &config, "0s");
     let url = format!("https://{}/mutate", injector.proxy_addr());
     let ca = base64(&read("webhook-ca.crt"));
     cp.create_namespace(INJECTOR_NS).await;
@@ -810,4 +815,69 @@ async fn a_rotated_certificate_is_served_without_a_failed_admission() {
         1,
         "one log line for the broken pair: {refused:?}"
     );
+}
+
+/// The injector rolls like any Deployment: replica A gets SIGTERM while
+/// pods are being created (failurePolicy Fail, so a lost review is a
+/// refused pod), keeps answering through its lame-duck window while the
+/// apiserver is moved to replica B (as the Service's endpoints would be),
+/// then closes its connections gracefully and exits 0. Not one creation
+/// fails, and every pod carries the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injector_rolls_without_failing_an_admission() {
+    let cp = ControlPlane::start().await;
+    let mut a = Webhook::start_draining_for(&sidecar_settings(), "3s");
+    let dir = a.dir.path();
+    let b = spawn_injector(
+        &dir.join("webhook.crt"),
+        &dir.join("webhook.key"),
+        &dir.join("sidecar.json"),
+        "0s",
+    );
+    let ca = a.ca_base64();
+    let url_b = format!("https://{}/mutate", b.proxy_addr());
+    cp.create_namespace(INJECTOR_NS).await;
+    cp.apply_yaml(&injector_chart(&a.url(), &ca, "Fail"), INJECTOR_NS)
+        .await;
+    cp.create_namespace("shop").await;
+    let pods: Api<Pod> = cp.api("shop");
+    let admin_a = a.injector.admin_addr();
+    for i in 0..60 {
+        if i == 15 {
+            // SIGTERM: A fails /ready and serves on for its 3 s window.
+            a.injector.signal(nix::sys::signal::Signal::SIGTERM);
+        }
+        if i == 20 {
+            // The endpoint change reaching the apiserver, within the window.
+            cp.apply_yaml(&injector_chart(&url_b, &ca, "Fail"), INJECTOR_NS)
+                .await;
+        }
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("pod-{i}"), "labels": {"lameduck.io/inject": "true"}},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+        }))
+        .unwrap();
+        let stored = pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("pod {i} refused during the injector's roll: {e}"));
+        assert!(
+            stored.spec.unwrap().init_containers.is_some(),
+            "pod {i} not injected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = a.injector.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "replica A did not drain gracefully");
+    let summary = a.injector.summary().expect("A's drain summary");
+    assert_eq!(summary["outcome"], "graceful", "{summary}");
+    assert!(
+        support::try_get(admin_a, "/ready").await.is_none(),
+        "A still up"
+    );
+    let answered_by_b = support::parse_metric(
+        &support::metrics_text(b.admin_addr()).await,
+        "lameduck_admission_reviews_total{outcome=\"injected\"}",
+    );
+    assert!(answered_by_b >= Some(30.0), "B answered {answered_by_b:?}");
 }
