@@ -341,6 +341,23 @@ fn s_client(addr: SocketAddr, args: &[&str]) -> String {
 }
 
 #[tokio::test]
+async fn h2load_over_tls_gets_every_response() {
+    let pki = Pki::new();
+    let (_app, ld) = start(&pki, &pki.server("server"), &[]).await;
+    let url = https_url(ld.proxy_addr(), "/");
+    let out = Command::new("h2load")
+        .args(["-n", "400", "-c", "4", "-m", "8", &url])
+        .output()
+        .expect("h2load runs (scripts/test.sh installs nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Application protocol: h2"), "{text}");
+    assert!(
+        text.contains("400 succeeded, 0 failed, 0 errored"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn only_tls_1_2_and_1_3_are_spoken_and_sessions_resume() {
     let pki = Pki::new();
     let (_app, ld) = start(&pki, &pki.server("server"), &[]).await;
@@ -376,6 +393,25 @@ async fn only_tls_1_2_and_1_3_are_spoken_and_sessions_resume() {
     assert!(
         second.contains("Reused, TLSv1.3"),
         "TLS 1.3 session not resumed: {second}"
+    );
+
+    // An SNI the certificate does not cover: the one certificate is served
+    // anyway and the client decides (here: verification fails, no crash).
+    let other = s_client(
+        addr,
+        &[
+            "-servername",
+            "elsewhere.example",
+            "-CAfile",
+            &ca,
+            "-verify_hostname",
+            "elsewhere.example",
+        ],
+    );
+    assert!(other.contains("Cipher is TLS_"), "{other}");
+    assert!(
+        other.contains("Verify return code: 62"),
+        "hostname mismatch reported: {other}"
     );
 
     let text = metrics_text(ld.admin_addr()).await;
