@@ -13,147 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
+use support::pki::Pki;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-
-// === certificates ===
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and leaf certificates signed by it.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        openssl(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=test CA",
-            ],
-        );
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn ca(&self) -> String {
-        self.path("ca.crt").display().to_string()
-    }
-
-    /// (`name.crt`, `name.key`) for CN `name`.
-    fn leaf(&self, name: &str, san: &str) -> (PathBuf, PathBuf) {
-        let ext = format!("{name}.ext");
-        std::fs::write(self.path(&ext), format!("subjectAltName={san}\n")).unwrap();
-        let (key, csr, crt) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-        );
-        let subject = format!("/CN={name}");
-        openssl(
-            self.dir.path(),
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &subject,
-            ],
-        );
-        openssl(
-            self.dir.path(),
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "1",
-                "-extfile",
-                &ext,
-            ],
-        );
-        (self.path(&crt), self.path(&key))
-    }
-
-    fn server(&self, name: &str) -> (PathBuf, PathBuf) {
-        self.leaf(name, "DNS:localhost,IP:127.0.0.1")
-    }
-
-    fn client_config(
-        &self,
-        alpn: &[&[u8]],
-        client: Option<&(PathBuf, PathBuf)>,
-    ) -> Arc<rustls::ClientConfig> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(self.path("ca.crt")).unwrap() {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-        let mut config = match client {
-            Some((crt, key)) => builder
-                .with_client_auth_cert(
-                    CertificateDer::pem_file_iter(crt)
-                        .unwrap()
-                        .map(Result::unwrap)
-                        .collect(),
-                    PrivateKeyDer::from_pem_file(key).unwrap(),
-                )
-                .unwrap(),
-            None => builder.with_no_client_auth(),
-        };
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(config)
-    }
-}
 
 fn path_str(p: &Path) -> String {
     p.display().to_string()
@@ -790,55 +655,38 @@ async fn the_drain_over_tls_sends_h2_goaway_and_the_deadline_cuts_the_rest() {
 async fn start_up_errors_name_the_tls_flag() {
     let pki = Pki::new();
     let (crt, key) = pki.server("server");
-    let out = run_cmd(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            "/nonexistent/tls.crt",
-            "--tls-key",
-            &path_str(&key),
-        ],
-        &[],
-        secs(10),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains("--tls-cert /nonexistent/tls.crt: cannot read"),
-        "{}",
-        out.stderr
-    );
-
     let (_, other_key) = pki.server("other");
-    let out = run_cmd(
-        &[
+    // (certificate, key) → the exit status and what stderr must say.
+    let cases = [
+        (
+            PathBuf::from("/nonexistent/tls.crt"),
+            key,
+            1,
+            "--tls-cert /nonexistent/tls.crt: cannot read",
+        ),
+        (
+            crt.clone(),
+            other_key,
+            1,
+            "does not belong to the certificate in --tls-cert",
+        ),
+    ];
+    for (cert, key, code, says) in cases {
+        let (cert, key) = (path_str(&cert), path_str(&key));
+        let args = [
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
             "--tls-cert",
-            &path_str(&crt),
+            &cert,
             "--tls-key",
-            &path_str(&other_key),
-        ],
-        &[],
-        secs(10),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("--tls-key")
-            && out
-                .stderr
-                .contains("does not belong to the certificate in --tls-cert"),
-        "{}",
-        out.stderr
-    );
-
+            &key,
+        ];
+        let out = run_cmd(&args, &[], secs(10)).await;
+        assert_eq!(out.status.code(), Some(code), "{}", out.stderr);
+        assert!(out.stderr.contains(says), "{}", out.stderr);
+    }
     let out = run_cmd(&["--tls-cert", &path_str(&crt)], &[], secs(10)).await;
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     assert!(
