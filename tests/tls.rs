@@ -730,3 +730,31 @@ async fn the_admin_port_speaks_tls_only_when_asked() {
     let (status, _) = get(ld.proxy_addr(), "/").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn an_idle_h2_connection_over_tls_ends_with_goaway_and_close_notify() {
+    let pki = Pki::new();
+    let (_app, mut ld) = start(
+        &pki,
+        &pki.server("server"),
+        &["--drain-delay", "300ms", "--drain-timeout", "5s"],
+    )
+    .await;
+    let tls = tls_connect(ld.proxy_addr(), pki.client_config(&[b"h2"], None))
+        .await
+        .unwrap();
+    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let request = http::Request::get("https://localhost/").body(()).unwrap();
+    let (response, _) = send.send_request(request, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+
+    ld.signal(Signal::SIGTERM);
+    // h2 reports a TCP close without close_notify as an error (rustls'
+    // UnexpectedEof): Ok means GOAWAY, then a clean TLS close.
+    let ended = tokio::time::timeout(secs(5), conn)
+        .await
+        .expect("closed at the window's end");
+    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    assert_eq!(ld.wait_exit(secs(10)).await.code(), Some(0));
+}
