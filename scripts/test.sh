@@ -15,6 +15,7 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(hapr
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # tests/tls.rs: HTTPS over HTTP/1.1 and h2 (ALPN) with a real client.
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 command -v umoci >/dev/null 2>&1 || missing+=(umoci) # tests/image.rs: scripts/image.sh builds the OCI image with it
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing test dependencies: ${missing[*]}"

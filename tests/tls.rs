@@ -13,147 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
+use support::pki::Pki;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-
-// === certificates ===
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and leaf certificates signed by it.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        openssl(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=test CA",
-            ],
-        );
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn ca(&self) -> String {
-        self.path("ca.crt").display().to_string()
-    }
-
-    /// (`name.crt`, `name.key`) for CN `name`.
-    fn leaf(&self, name: &str, san: &str) -> (PathBuf, PathBuf) {
-        let ext = format!("{name}.ext");
-        std::fs::write(self.path(&ext), format!("subjectAltName={san}\n")).unwrap();
-        let (key, csr, crt) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-        );
-        let subject = format!("/CN={name}");
-        openssl(
-            self.dir.path(),
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &subject,
-            ],
-        );
-        openssl(
-            self.dir.path(),
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "1",
-                "-extfile",
-                &ext,
-            ],
-        );
-        (self.path(&crt), self.path(&key))
-    }
-
-    fn server(&self, name: &str) -> (PathBuf, PathBuf) {
-        self.leaf(name, "DNS:localhost,IP:127.0.0.1")
-    }
-
-    fn client_config(
-        &self,
-        alpn: &[&[u8]],
-        client: Option<&(PathBuf, PathBuf)>,
-    ) -> Arc<rustls::ClientConfig> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(self.path("ca.crt")).unwrap() {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-        let mut config = match client {
-            Some((crt, key)) => builder
-                .with_client_auth_cert(
-                    CertificateDer::pem_file_iter(crt)
-                        .unwrap()
-                        .map(Result::unwrap)
-                        .collect(),
-                    PrivateKeyDer::from_pem_file(key).unwrap(),
-                )
-                .unwrap(),
-            None => builder.with_no_client_auth(),
-        };
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(config)
-    }
-}
 
 fn path_str(p: &Path) -> String {
     p.display().to_string()
@@ -341,6 +206,23 @@ fn s_client(addr: SocketAddr, args: &[&str]) -> String {
 }
 
 #[tokio::test]
+async fn h2load_over_tls_gets_every_response() {
+    let pki = Pki::new();
+    let (_app, ld) = start(&pki, &pki.server("server"), &[]).await;
+    let url = https_url(ld.proxy_addr(), "/");
+    let out = Command::new("h2load")
+        .args(["-n", "400", "-c", "4", "-m", "8", &url])
+        .output()
+        .expect("h2load runs (scripts/test.sh installs nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Application protocol: h2"), "{text}");
+    assert!(
+        text.contains("400 succeeded, 0 failed, 0 errored"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn only_tls_1_2_and_1_3_are_spoken_and_sessions_resume() {
     let pki = Pki::new();
     let (_app, ld) = start(&pki, &pki.server("server"), &[]).await;
@@ -376,6 +258,25 @@ async fn only_tls_1_2_and_1_3_are_spoken_and_sessions_resume() {
     assert!(
         second.contains("Reused, TLSv1.3"),
         "TLS 1.3 session not resumed: {second}"
+    );
+
+    // An SNI the certificate does not cover: the one certificate is served
+    // anyway and the client decides (here: verification fails, no crash).
+    let other = s_client(
+        addr,
+        &[
+            "-servername",
+            "elsewhere.example",
+            "-CAfile",
+            &ca,
+            "-verify_hostname",
+            "elsewhere.example",
+        ],
+    );
+    assert!(other.contains("Cipher is TLS_"), "{other}");
+    assert!(
+        other.contains("Verify return code: 62"),
+        "hostname mismatch reported: {other}"
     );
 
     let text = metrics_text(ld.admin_addr()).await;
@@ -754,55 +655,38 @@ async fn the_drain_over_tls_sends_h2_goaway_and_the_deadline_cuts_the_rest() {
 async fn start_up_errors_name_the_tls_flag() {
     let pki = Pki::new();
     let (crt, key) = pki.server("server");
-    let out = run_cmd(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            "/nonexistent/tls.crt",
-            "--tls-key",
-            &path_str(&key),
-        ],
-        &[],
-        secs(10),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains("--tls-cert /nonexistent/tls.crt: cannot read"),
-        "{}",
-        out.stderr
-    );
-
     let (_, other_key) = pki.server("other");
-    let out = run_cmd(
-        &[
+    // (certificate, key) → the exit status and what stderr must say.
+    let cases = [
+        (
+            PathBuf::from("/nonexistent/tls.crt"),
+            key,
+            1,
+            "--tls-cert /nonexistent/tls.crt: cannot read",
+        ),
+        (
+            crt.clone(),
+            other_key,
+            1,
+            "does not belong to the certificate in --tls-cert",
+        ),
+    ];
+    for (cert, key, code, says) in cases {
+        let (cert, key) = (path_str(&cert), path_str(&key));
+        let args = [
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
             "--tls-cert",
-            &path_str(&crt),
+            &cert,
             "--tls-key",
-            &path_str(&other_key),
-        ],
-        &[],
-        secs(10),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("--tls-key")
-            && out
-                .stderr
-                .contains("does not belong to the certificate in --tls-cert"),
-        "{}",
-        out.stderr
-    );
-
+            &key,
+        ];
+        let out = run_cmd(&args, &[], secs(10)).await;
+        assert_eq!(out.status.code(), Some(code), "{}", out.stderr);
+        assert!(out.stderr.contains(says), "{}", out.stderr);
+    }
     let out = run_cmd(&["--tls-cert", &path_str(&crt)], &[], secs(10)).await;
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     assert!(
@@ -845,4 +729,32 @@ async fn the_admin_port_speaks_tls_only_when_asked() {
     // The proxy listener stays cleartext.
     let (status, _) = get(ld.proxy_addr(), "/").await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_over_tls_ends_with_goaway_and_close_notify() {
+    let pki = Pki::new();
+    let (_app, mut ld) = start(
+        &pki,
+        &pki.server("server"),
+        &["--drain-delay", "300ms", "--drain-timeout", "5s"],
+    )
+    .await;
+    let tls = tls_connect(ld.proxy_addr(), pki.client_config(&[b"h2"], None))
+        .await
+        .unwrap();
+    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let request = http::Request::get("https://localhost/").body(()).unwrap();
+    let (response, _) = send.send_request(request, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+
+    ld.signal(Signal::SIGTERM);
+    // h2 reports a TCP close without close_notify as an error (rustls'
+    // UnexpectedEof): Ok means GOAWAY, then a clean TLS close.
+    let ended = tokio::time::timeout(secs(5), conn)
+        .await
+        .expect("closed at the window's end");
+    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    assert_eq!(ld.wait_exit(secs(10)).await.code(), Some(0));
 }

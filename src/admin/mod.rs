@@ -1,9 +1,10 @@
 //! The admin server: /ready, /live, /metrics, /drain, /drained, /status.
 //!
-//! It runs on its own port, never on the proxy's, and is the last thing to
-//! close. It only reads the lifecycle's atomics; the one thing it can change
-//! (`POST /drain`) is a message to the lifecycle, accepted from loopback only,
-//! because every pod in the cluster can reach this port.
+//! It runs on its own port, never on the proxy's (cleartext, or TLS with
+//! --admin-tls-cert), and is the last thing to close. It only reads the
+//! lifecycle's atomics; the one thing it can change (`POST /drain`) is a
+//! message to the lifecycle, accepted from loopback only, because every pod
+//! in the cluster can reach this port.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,14 +23,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-
-use crate::tls::Handshaker;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::drain::{DrainState, Event, State, wait_for_zero};
+use crate::tls::Handshaker;
 
 /// Admin connections served at once; more are closed at accept.
 const MAX_ADMIN_CONNECTIONS: usize = 512;

@@ -93,6 +93,9 @@ impl Handshaker {
         // failure is counted, so a client that sees the close also sees it
         // in the metrics (it is closed when `handshake` drops, below).
         let result = tokio::select! {
+            // The handshake first: the plaintext answer's lingering read
+            // ends at this same deadline, and its outcome is the truer one.
+            biased;
             result = &mut handshake => result,
             () = tokio::time::sleep_until(deadline) => Err(HandshakeError {
                 reason: HandshakeFailure::Timeout,

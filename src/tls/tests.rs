@@ -257,6 +257,19 @@ fn a_broken_reload_keeps_the_previous_pair_and_a_good_one_replaces_it() {
     assert_eq!(tls.reloads_success.get(), 1);
 }
 
+/// `serve` with the server certificate of `pki`, HTTP ALPN, `client_ca`
+/// and a handshake `timeout`.
+async fn serve_server_cert(
+    pki: &Pki,
+    tls: &crate::metrics::TlsMetrics,
+    client_ca: Option<&ClientCa>,
+    timeout: Duration,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    let cert = ReloadableCert::load(pki.server("server"), tls.clone()).unwrap();
+    let config = server_config(cert, ALPN_HTTP, client_ca).unwrap();
+    serve(Handshaker::new(config, timeout, tls.clone()), 2).await
+}
+
 /// A listener that accepts `n` connections through `handshaker` and answers
 /// each with the negotiated ALPN, or the failure reason.
 async fn serve(
@@ -312,13 +325,7 @@ async fn client(
 async fn handshakes_negotiate_h2_and_resume_the_session() {
     let pki = Pki::new();
     let tls = metrics();
-    let cert = ReloadableCert::load(pki.server("server"), tls.clone()).unwrap();
-    let config = server_config(cert, ALPN_HTTP, None).unwrap();
-    let (addr, server) = serve(
-        Handshaker::new(config, Duration::from_secs(5), tls.clone()),
-        2,
-    )
-    .await;
+    let (addr, server) = serve_server_cert(&pki, &tls, None, Duration::from_secs(5)).await;
     let client_config = pki.client_config(None);
     let (answer, resumed) = client(addr, client_config.clone()).await.unwrap();
     assert!(answer.starts_with("h2 "), "{answer}");
@@ -338,13 +345,7 @@ async fn handshakes_negotiate_h2_and_resume_the_session() {
 async fn cleartext_http_gets_a_400_and_a_silent_client_times_out() {
     let pki = Pki::new();
     let tls = metrics();
-    let cert = ReloadableCert::load(pki.server("server"), tls.clone()).unwrap();
-    let config = server_config(cert, ALPN_HTTP, None).unwrap();
-    let (addr, server) = serve(
-        Handshaker::new(config, Duration::from_millis(300), tls.clone()),
-        2,
-    )
-    .await;
+    let (addr, server) = serve_server_cert(&pki, &tls, None, Duration::from_millis(300)).await;
 
     let mut plain = TcpStream::connect(addr).await.unwrap();
     plain
@@ -374,14 +375,8 @@ async fn cleartext_http_gets_a_400_and_a_silent_client_times_out() {
 async fn client_certificates_are_required_and_their_identity_is_exported() {
     let pki = Pki::new();
     let tls = metrics();
-    let cert = ReloadableCert::load(pki.server("server"), tls.clone()).unwrap();
     let ca = ClientCa::load(&pki.path("ca.crt"), "--tls-client-ca").unwrap();
-    let config = server_config(cert, ALPN_HTTP, Some(&ca)).unwrap();
-    let (addr, server) = serve(
-        Handshaker::new(config, Duration::from_secs(5), tls.clone()),
-        2,
-    )
-    .await;
+    let (addr, server) = serve_server_cert(&pki, &tls, Some(&ca), Duration::from_secs(5)).await;
 
     // rustls clients finish their side before the server checks the
     // certificate (TLS 1.3), so the refusal shows on the first read.

@@ -8,6 +8,8 @@
 mod faults;
 mod haproxy;
 mod load;
+#[path = "../support/pki.rs"]
+mod pki;
 mod prometheus;
 mod rolling;
 mod soak;

@@ -340,77 +340,6 @@ fn h1_scenario(proto: ClientProto, front: Front, max_requests: u64) -> Scenario 
     }
 }
 
-/// A CA and a `localhost` server certificate made by the openssl CLI.
-fn tls_files(dir: &std::path::Path) -> (std::path::PathBuf, String, String) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=e2e CA",
-        ],
-    ]
-    .concat());
-    std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").unwrap();
-    run(&[
-        &["req"][..],
-        &ec,
-        &[
-            "-keyout",
-            "tls.key",
-            "-out",
-            "tls.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    ]
-    .concat());
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "tls.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "ext",
-    ]);
-    let path = |name: &str| dir.join(name).display().to_string();
-    (dir.join("ca.crt"), path("tls.crt"), path("tls.key"))
-}
-
 #[test]
 fn rolling_http1_keepalive_zero_failures() {
     run_test(async {
@@ -446,13 +375,16 @@ fn rolling_h2c_to_haproxy_and_h2_to_lameduck_zero_failures() {
 #[test]
 fn rolling_https_to_lameduck_behind_haproxy_ssl_verify_required_zero_failures() {
     run_test(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (ca, crt, key) = tls_files(dir.path());
+        // HAProxy checks the name `localhost` (verifyhost), not the pod IPs.
+        let pki = crate::pki::Pki::new();
+        let (crt, key) = pki.leaf("localhost", "DNS:localhost");
         // Scenario flags are 'static; the strings live until the process ends.
-        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let leak = |p: std::path::PathBuf| -> &'static str {
+            Box::leak(p.display().to_string().into_boxed_str())
+        };
         let mut s = h1_scenario(ClientProto::H1KeepAlive, Front::Http1, 60_000);
         s.pod_extra = vec!["--tls-cert", leak(crt), "--tls-key", leak(key)];
-        s.backend_tls_ca = Some(ca);
+        s.backend_tls_ca = Some(pki.path("ca.crt"));
         let run = rolling(s).await;
         // Zero failures proves TLS on both sides: HAProxy speaking TLS to a
         // cleartext port, or cleartext to the TLS port (a 400), would fail.

@@ -4,6 +4,8 @@
 //! 127.0.0.1 only. Every wait has a deadline and every loop is bounded.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::convert::Infallible;
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
