@@ -190,8 +190,17 @@ fn default_format_output(terminal: bool) -> String {
         "--metrics-linger",
         "0s",
     ];
-    // SIGTERM after 1 s: the proxy drains at once and exits 0.
-    let mut run = vec!["timeout", "--preserve-status", "-s", "TERM", "1"];
+    // SIGTERM after 1 s: the proxy drains at once and exits 0. --foreground:
+    // otherwise timeout also signals its whole process group, the proxy gets
+    // a second SIGTERM, and may take it as "force the exit" (status 4).
+    let mut run = vec![
+        "timeout",
+        "--foreground",
+        "--preserve-status",
+        "-s",
+        "TERM",
+        "1",
+    ];
     run.extend_from_slice(&proxy);
     let mut cmd = if terminal {
         let mut script = std::process::Command::new("script");
