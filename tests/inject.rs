@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 
 use k8s::{ControlPlane, K8S_VERSION, WAIT, wait_until};
 use support::Lameduck;
+use support::pki::Pki;
 
 const INJECTOR_NS: &str = "lameduck-system";
 
@@ -40,7 +41,7 @@ fn sidecar_settings() -> Value {
 }
 
 struct Webhook {
-    dir: tempfile::TempDir,
+    pki: Pki,
     injector: Lameduck,
 }
 
@@ -52,16 +53,13 @@ impl Webhook {
     }
 
     fn start_draining_for(settings: &Value, drain_delay: &str) -> Webhook {
-        let dir = tempfile::tempdir().expect("tempdir");
-        k8s::serving_certificate(dir.path(), "webhook", "IP:127.0.0.1").expect("certificate");
-        let config = dir.path().join("sidecar.json");
+        let pki = Pki::new();
+        let (cert, key) = pki.server("webhook");
+        let config = pki.path("sidecar.json");
         std::fs::write(&config, settings.to_string()).unwrap();
-        let (cert, key) = (
-            dir.path().join("webhook.crt"),
-            dir.path().join("webhook.key"),
-        );
+        let (cert, key) = (cert, key);
         let injector = spawn_injector(&cert, &key, &config, drain_delay);
-        Webhook { dir, injector }
+        Webhook { pki, injector }
     }
 
     fn url(&self) -> String {
@@ -69,7 +67,7 @@ impl Webhook {
     }
 
     fn ca_base64(&self) -> String {
-        let pem = std::fs::read(self.dir.path().join("webhook-ca.crt")).unwrap();
+        let pem = std::fs::read(self.pki.path("ca.crt")).unwrap();
         base64(&pem)
     }
 }
@@ -513,7 +511,7 @@ async fn a_stopped_injector_is_ignored_or_refuses_as_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_reviews_get_a_400_and_cost_nobody_else() {
     let webhook = Webhook::start(&sidecar_settings());
-    let ca = webhook.dir.path().join("webhook-ca.crt");
+    let ca = webhook.pki.path("ca.crt");
     let addr = webhook.injector.proxy_addr();
     for body in [
         "",
@@ -533,9 +531,9 @@ async fn malformed_reviews_get_a_400_and_cost_nobody_else() {
         &[
             "inject",
             "--tls-cert",
-            webhook.dir.path().join("webhook.crt").to_str().unwrap(),
+            webhook.pki.path("webhook.crt").to_str().unwrap(),
             "--tls-key",
-            webhook.dir.path().join("webhook.key").to_str().unwrap(),
+            webhook.pki.path("webhook.key").to_str().unwrap(),
             "--sidecar-config",
             bad.to_str().unwrap(),
         ],
@@ -720,19 +718,19 @@ impl SecretVolume {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_is_served_without_a_failed_admission() {
     let cp = ControlPlane::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
-    k8s::serving_certificate(dir.path(), "webhook", "IP:127.0.0.1").unwrap();
+    let pki = Pki::new();
+    let read = |name: &str| std::fs::read(pki.path(name)).unwrap();
+    pki.server("webhook");
     let (first_cert, first_key) = (read("webhook.crt"), read("webhook.key"));
-    let mut volume = SecretVolume::new(dir.path());
+    let mut volume = SecretVolume::new(&pki.path(""));
     volume.publish(&first_cert, &first_key);
-    let config = dir.path().join("sidecar.json");
+    let config = pki.path("sidecar.json");
     std::fs::write(&config, sidecar_settings().to_string()).unwrap();
     let cert = volume.dir.join("tls.crt");
     let key = volume.dir.join("tls.key");
     let injector = spawn_injector(&cert, &key, &config, "0s");
     let url = format!("https://{}/mutate", injector.proxy_addr());
-    let ca = base64(&read("webhook-ca.crt"));
+    let ca = base64(&read("ca.crt"));
     cp.create_namespace(INJECTOR_NS).await;
     cp.apply_yaml(&injector_chart(&url, &ca, "Fail"), INJECTOR_NS)
         .await;
@@ -740,7 +738,7 @@ async fn a_rotated_certificate_is_served_without_a_failed_admission() {
     let pods: Api<Pod> = cp.api("shop");
 
     // A new certificate from the same CA (what cert-manager's renewal does).
-    k8s::serving_certificate(dir.path(), "webhook", "IP:127.0.0.1").unwrap();
+    pki.server("webhook");
     let (second_cert, second_key) = (read("webhook.crt"), read("webhook.key"));
     assert_ne!(first_cert, second_cert);
 
@@ -827,11 +825,10 @@ async fn a_rotated_certificate_is_served_without_a_failed_admission() {
 async fn the_injector_rolls_without_failing_an_admission() {
     let cp = ControlPlane::start().await;
     let mut a = Webhook::start_draining_for(&sidecar_settings(), "3s");
-    let dir = a.dir.path();
     let b = spawn_injector(
-        &dir.join("webhook.crt"),
-        &dir.join("webhook.key"),
-        &dir.join("sidecar.json"),
+        &a.pki.path("webhook.crt"),
+        &a.pki.path("webhook.key"),
+        &a.pki.path("sidecar.json"),
         "0s",
     );
     let ca = a.ca_base64();
