@@ -31,6 +31,10 @@ python3 -c 'import h11' 2>/dev/null || python3 -m pip install --quiet 'h11==0.16
 # kube-proxy, kubectl) for the tests in tests/k8s*: built from the Go module
 # proxy once (cached, ~8 min cold on 2 cores), a no-op afterwards.
 bash scripts/k8s-build.sh >/dev/null
+# The node half of the lab cluster (tests/lab): containerd, runc, crictl from
+# the Go module proxy, CNI plugins and iptables from Debian, a pause image
+# built from scratch (cached, ~2 min cold).
+bash scripts/node-build.sh >/dev/null
 
 cargo test --locked --all-targets --no-fail-fast "$@"
 
