@@ -1,0 +1,242 @@
+//! Scenarios on a real node (tests/lab): the kubelet stops pods, kube-proxy
+//! routes a Service's ClusterIP, and the load generator inside the lab
+//! counts every failed request.
+//!
+//! `cargo test --test node_rollout -- --nocapture` prints the side-by-side
+//! table (docs/kubernetes.md, "Measured on a real node").
+
+#[path = "lab/mod.rs"]
+mod lab;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant, SystemTime};
+
+use lab::Lab;
+use lab::load::{Counts, Kind, Load};
+use lab::rollout::{self, PodLog};
+
+/// Replicas of every Deployment rolled.
+const REPLICAS: u32 = 3;
+/// Clients per load kind.
+const CLIENTS: usize = 16;
+/// A rollout (restart → last old pod gone) must finish within this.
+const ROLLOUT_BOUND: Duration = Duration::from_secs(120);
+/// The chart's --deadline-margin with the native sidecar.
+const NATIVE_MARGIN: Duration = Duration::from_secs(1);
+
+#[test]
+fn lab_starts_runs_a_pod_and_leaves_nothing() {
+    lab::run(async |lab| {
+        lab.kubectl(&[
+            "run",
+            "probe",
+            "--image",
+            lab::LAMEDUCK_IMAGE,
+            "--image-pull-policy=Never",
+            "--",
+            "demo-app",
+            "--listen",
+            "0.0.0.0:8080",
+        ]);
+        lab.kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "pod/probe",
+            "--timeout=60s",
+        ]);
+        eprintln!(
+            "lab: start {:.1?}, RSS with one pod {} MiB",
+            lab.started_in,
+            lab.rss_kib() / 1024
+        );
+    });
+}
+
+/// What one rollout under load did.
+struct Rolled {
+    counts: Counts,
+    /// `rollout restart` → fully rolled out.
+    rollout: Duration,
+    /// `rollout restart` → the last old pod gone from the API.
+    gone: Duration,
+    old: Vec<String>,
+}
+
+async fn rollout_under_load(lab: &Lab, deployment: &str, selector: &str, kind: Kind) -> Rolled {
+    let addr = rollout::cluster_ip(lab, deployment).await;
+    let old = rollout::live_pods(lab, selector).await;
+    assert_eq!(
+        old.len(),
+        REPLICAS as usize,
+        "pods of {deployment}: {old:?}"
+    );
+    let load = Load::start(addr, kind, CLIENTS, ROLLOUT_BOUND + Duration::from_secs(30));
+    // Warm: every client has been served before the rollout starts.
+    let warm = Instant::now() + Duration::from_secs(20);
+    while load.counts().ok < (CLIENTS as u64) * 20 {
+        assert!(
+            Instant::now() < warm,
+            "{deployment} ({kind}) through {addr}: no load warm-up: {}",
+            load.counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = load.counts();
+    assert_eq!(
+        before.failed(),
+        0,
+        "{deployment} ({kind}) failed before the rollout: {before}"
+    );
+    let t0 = Instant::now();
+    rollout::kubectl(
+        lab,
+        &["rollout", "restart", &format!("deployment/{deployment}")],
+    )
+    .await;
+    rollout::wait_rolled_out(lab, deployment, ROLLOUT_BOUND).await;
+    let rollout = t0.elapsed();
+    rollout::wait_gone(lab, &old, ROLLOUT_BOUND).await;
+    let gone = t0.elapsed();
+    // kube-proxy applies at most once a second: keep going past its last
+    // change so that requests to the new endpoints count too.
+    let settle = Instant::now() + Duration::from_millis(1500);
+    let ok_then = load.counts().ok;
+    while Instant::now() < settle || load.counts().ok < ok_then + CLIENTS as u64 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counts = load.stop().await;
+    Rolled {
+        counts,
+        rollout,
+        gone,
+        old,
+    }
+}
+
+/// lameduck's side of each old pod: its container exited 0, and the drain
+/// Events tell that the window ended on the EndpointSlices and the deadline
+/// stayed within the pod's grace period.
+async fn assert_lameduck_drained(lab: &Lab, pods: &PodLog, old: &[String]) {
+    for pod in old {
+        let rec = pods.get(pod).unwrap_or_default();
+        assert_eq!(
+            rec.exits.get("lameduck"),
+            Some(&0),
+            "pod {pod}: lameduck's exit (container statuses seen: {:?})",
+            rec.exits
+        );
+        let ev = rollout::wait_drain_events(
+            lab,
+            pod,
+            &["DrainStarted", "EndpointsRemoved", "DrainCompleted"],
+            Duration::from_secs(10),
+        )
+        .await;
+        for reason in ["DrainStarted", "EndpointsRemoved", "DrainCompleted"] {
+            assert!(
+                ev.contains_key(reason),
+                "pod {pod}: no {reason} Event: {ev:?}"
+            );
+        }
+        assert!(!ev.contains_key("DrainForced"), "pod {pod}: {ev:?}");
+        // EndpointsRemoved is published only when the window ended because no
+        // slice routed to the pod (not the delay, not an API failure).
+        let (deadline, source) = rollout::deadline_of(&ev["DrainStarted"])
+            .unwrap_or_else(|| panic!("pod {pod}: no deadline in {:?}", ev["DrainStarted"]));
+        let deletion = rec
+            .deletion
+            .unwrap_or_else(|| panic!("pod {pod}: no deletionTimestamp seen"));
+        // Never past SIGKILL; from the deletionTimestamp exactly when that is
+        // the binding bound.
+        assert!(
+            deadline <= deletion - NATIVE_MARGIN + Duration::from_millis(1),
+            "pod {pod}: deadline {deadline:?} past deletionTimestamp {deletion:?} - margin ({source})"
+        );
+        if source == "deletion_timestamp" {
+            assert_eq!(deadline, deletion - NATIVE_MARGIN, "pod {pod}");
+        }
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+#[test]
+fn rollout_restart_behind_lameduck_loses_no_request_side_by_side() {
+    lab::run(async |lab| {
+        let pods = PodLog::start(lab);
+        let mut yaml = rollout::chart("ld", REPLICAS, true, &[]);
+        yaml.push_str("\n---\n");
+        yaml.push_str(&rollout::bare_app("bare", REPLICAS, None));
+        yaml.push_str("---\n");
+        yaml.push_str(&rollout::bare_app("sleep5", REPLICAS, Some(5)));
+        lab.apply_yaml(&yaml);
+        for d in ["ld", "bare", "sleep5"] {
+            rollout::wait_rolled_out(lab, d, Duration::from_secs(90)).await;
+        }
+        eprintln!("lab: 9 pods Ready; RSS {} MiB", lab.rss_kib() / 1024);
+
+        let variants = [
+            ("(a) app alone", "bare", "app=bare"),
+            ("(b) preStop sleep 5", "sleep5", "app=sleep5"),
+            ("(c) behind lameduck", "ld", "app.kubernetes.io/instance=ld"),
+        ];
+        let mut table = String::new();
+        let _ = writeln!(
+            table,
+            "| variant | load ({CLIENTS} clients) | requests | failed | refused | reset | EOF | timeout | 5xx | rollout | last old pod gone |"
+        );
+        let _ = writeln!(
+            table,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let mut lameduck_failed = Vec::new();
+        for kind in [Kind::KeepAlive, Kind::PerRequest, Kind::Http2] {
+            for (label, deployment, selector) in variants {
+                let r = rollout_under_load(lab, deployment, selector, kind).await;
+                let c = r.counts;
+                eprintln!(
+                    "{label}, {kind}: {c}; rollout {}, old pods gone {}",
+                    secs(r.rollout),
+                    secs(r.gone)
+                );
+                let _ = writeln!(
+                    table,
+                    "| {label} | {kind} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    c.ok + c.failed(),
+                    c.failed(),
+                    c.refused,
+                    c.reset,
+                    c.eof,
+                    c.timeout,
+                    c.status_5xx,
+                    secs(r.rollout),
+                    secs(r.gone)
+                );
+                if deployment == "ld" {
+                    if c.failed() != 0 {
+                        lameduck_failed.push(format!("{kind}: {c}"));
+                    }
+                    assert_lameduck_drained(lab, &pods, &r.old).await;
+                }
+            }
+        }
+        eprintln!("\n{table}");
+        eprintln!(
+            "machine: {} cores, {}; lab RSS now {} MiB",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim(),
+            lab.rss_kib() / 1024
+        );
+        let _ = SystemTime::now();
+        assert!(
+            lameduck_failed.is_empty(),
+            "requests failed behind lameduck: {lameduck_failed:?}"
+        );
+    });
+}
