@@ -240,3 +240,196 @@ fn rollout_restart_behind_lameduck_loses_no_request_side_by_side() {
         );
     });
 }
+
+/// Waits for one pod to be stopped by whatever the test did, and checks
+/// lameduck's side of it.
+async fn stopped_cleanly(lab: &Lab, pods: &PodLog, stopped: &[String]) {
+    rollout::wait_gone(lab, stopped, ROLLOUT_BOUND).await;
+    assert_lameduck_drained(lab, pods, stopped).await;
+}
+
+/// Every way a pod is stopped in practice, one after another under the
+/// same keep-alive load: `kubectl delete pod`, a scale-down, a delete with
+/// `--grace-period=5` (the deadline then comes from the deletionTimestamp),
+/// an eviction through the Eviction API; and a rollout of the classic
+/// (non-native) sidecar layout.
+#[test]
+fn pod_deletion_scale_down_short_grace_and_eviction_lose_no_request() {
+    lab::run(async |lab| {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Api, EvictParams};
+
+        let pods = PodLog::start(lab);
+        lab.apply_yaml(&rollout::chart("ld", REPLICAS, true, &[]));
+        rollout::wait_rolled_out(lab, "ld", Duration::from_secs(90)).await;
+        let sel = "app.kubernetes.io/instance=ld";
+        let addr = rollout::cluster_ip(lab, "ld").await;
+        let load = Load::start(addr, Kind::KeepAlive, CLIENTS, Duration::from_secs(400));
+        let mut steps = Vec::new();
+
+        // kubectl delete pod
+        let victim = rollout::live_pods(lab, sel).await.remove(0);
+        let t = Instant::now();
+        rollout::kubectl(lab, &["delete", "pod", &victim, "--wait=false"]).await;
+        stopped_cleanly(lab, &pods, std::slice::from_ref(&victim)).await;
+        rollout::wait_rolled_out(lab, "ld", ROLLOUT_BOUND).await;
+        steps.push(("kubectl delete pod", t.elapsed(), load.counts()));
+
+        // kubectl scale --replicas=1
+        let before = rollout::live_pods(lab, sel).await;
+        let t = Instant::now();
+        rollout::kubectl(lab, &["scale", "deployment/ld", "--replicas=1"]).await;
+        rollout::wait_rolled_out(lab, "ld", ROLLOUT_BOUND).await;
+        let after = rollout::live_pods(lab, sel).await;
+        let removed: Vec<String> = before.into_iter().filter(|p| !after.contains(p)).collect();
+        assert_eq!(removed.len(), 2, "scale to 1 removed {removed:?}");
+        stopped_cleanly(lab, &pods, &removed).await;
+        steps.push(("kubectl scale --replicas=1", t.elapsed(), load.counts()));
+        rollout::kubectl(
+            lab,
+            &["scale", "deployment/ld", &format!("--replicas={REPLICAS}")],
+        )
+        .await;
+        rollout::wait_rolled_out(lab, "ld", ROLLOUT_BOUND).await;
+
+        // kubectl delete pod --grace-period=5: shorter than the drain timeout,
+        // so the deadline is the deletionTimestamp minus the margin.
+        let victim = rollout::live_pods(lab, sel).await.remove(0);
+        let t = Instant::now();
+        rollout::kubectl(
+            lab,
+            &["delete", "pod", &victim, "--grace-period=5", "--wait=false"],
+        )
+        .await;
+        stopped_cleanly(lab, &pods, std::slice::from_ref(&victim)).await;
+        let ev = rollout::drain_events(lab, &victim).await;
+        let (_, source) = rollout::deadline_of(&ev["DrainStarted"]).expect("deadline");
+        assert_eq!(source, "deletion_timestamp", "{victim}: {ev:?}");
+        rollout::wait_rolled_out(lab, "ld", ROLLOUT_BOUND).await;
+        steps.push((
+            "kubectl delete pod --grace-period=5",
+            t.elapsed(),
+            load.counts(),
+        ));
+
+        // The Eviction API (what `kubectl drain` and the cluster autoscaler use).
+        let victim = rollout::live_pods(lab, sel).await.remove(0);
+        let t = Instant::now();
+        let api: Api<Pod> = Api::namespaced(lab.cp().client(), rollout::NAMESPACE);
+        api.evict(&victim, &EvictParams::default())
+            .await
+            .expect("evict");
+        stopped_cleanly(lab, &pods, std::slice::from_ref(&victim)).await;
+        rollout::wait_rolled_out(lab, "ld", ROLLOUT_BOUND).await;
+        steps.push(("eviction (policy/v1 Eviction)", t.elapsed(), load.counts()));
+
+        let total = load.stop().await;
+        for (what, took, c) in &steps {
+            eprintln!(
+                "{what}: pod gone and replaced in {}; cumulative {c}",
+                secs(*took)
+            );
+        }
+        assert_eq!(total.failed(), 0, "failed requests: {total}");
+
+        // The classic layout (lameduck a regular container, draining on
+        // SIGTERM): a rollout under load.
+        lab.apply_yaml(&rollout::chart("classic", REPLICAS, false, &[]));
+        rollout::wait_rolled_out(lab, "classic", Duration::from_secs(90)).await;
+        let r = rollout_under_load(
+            lab,
+            "classic",
+            "app.kubernetes.io/instance=classic",
+            Kind::KeepAlive,
+        )
+        .await;
+        eprintln!(
+            "classic layout, {}: {}; rollout {}, old pods gone {}",
+            Kind::KeepAlive,
+            r.counts,
+            secs(r.rollout),
+            secs(r.gone)
+        );
+        assert_eq!(r.counts.failed(), 0, "classic layout: {}", r.counts);
+        for pod in &r.old {
+            let rec = pods.get(pod).unwrap_or_default();
+            assert_eq!(
+                rec.exits.get("lameduck"),
+                Some(&0),
+                "{pod}: {:?}",
+                rec.exits
+            );
+            let ev = rollout::wait_drain_events(
+                lab,
+                pod,
+                &["DrainStarted", "EndpointsRemoved", "DrainCompleted"],
+                Duration::from_secs(10),
+            )
+            .await;
+            assert!(
+                ev.contains_key("EndpointsRemoved") && ev.contains_key("DrainCompleted"),
+                "{pod}: {ev:?}"
+            );
+        }
+    });
+}
+
+/// A Job whose app finishes: the native sidecar is stopped after it, exits,
+/// and the Job succeeds (the classic sidecar problem: a regular sidecar
+/// container keeps the pod running forever).
+#[test]
+fn job_with_native_sidecar_completes() {
+    lab::run(async |lab| {
+        use k8s_openapi::api::batch::v1::Job;
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Api, ListParams};
+
+        // The chart's Deployment, turned into a Job: same pod template, the
+        // app replaced by a command that finishes at once.
+        let yaml = rollout::chart(
+            "batch",
+            1,
+            true,
+            &[
+                "app.command={/lameduck}",
+                "app.args={--version}",
+                "serviceAccount.create=true",
+            ],
+        );
+        let job = rollout::deployment_to_job(&yaml, "batch");
+        lab.apply_yaml(&job);
+        let api: Api<Job> = Api::namespaced(lab.cp().client(), rollout::NAMESPACE);
+        let t = Instant::now();
+        let status = lab::k8s::wait_until("the Job to finish", Duration::from_secs(90), || async {
+            let j = api.get("batch").await.ok()?;
+            let s = j.status?;
+            (s.succeeded.unwrap_or(0) > 0 || s.failed.unwrap_or(0) > 0).then_some(s)
+        })
+        .await;
+        assert_eq!(status.succeeded, Some(1), "Job status: {status:?}");
+        let pods: Api<Pod> = Api::namespaced(lab.cp().client(), rollout::NAMESPACE);
+        let list = pods
+            .list(&ListParams::default().labels("job-name=batch"))
+            .await
+            .expect("list job pods");
+        let pod = list.items.first().expect("the Job's pod");
+        let st = pod.status.as_ref().expect("status");
+        assert_eq!(st.phase.as_deref(), Some("Succeeded"));
+        let sidecar = st
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == "lameduck")
+            .expect("lameduck's status");
+        let exit = sidecar
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| t.exit_code);
+        eprintln!(
+            "Job succeeded in {}; lameduck exited {exit:?}",
+            secs(t.elapsed())
+        );
+        assert_eq!(exit, Some(0), "lameduck in the Job's pod: {sidecar:?}");
+    });
+}

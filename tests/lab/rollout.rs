@@ -107,6 +107,7 @@ spec:
 /// The last status seen of a pod (kept after it is gone).
 #[derive(Debug, Clone, Default)]
 pub struct PodRecord {
+    /// The first deletionTimestamp seen: when the grace period ends.
     pub deletion: Option<SystemTime>,
     /// Exit codes of terminated containers (init/sidecar ones too), by name.
     pub exits: BTreeMap<String, i32>,
@@ -138,7 +139,9 @@ impl PodLog {
                 let mut map = r.lock().unwrap_or_else(|p| p.into_inner());
                 let rec = map.entry(name).or_default();
                 rec.deleted |= deleted;
-                if let Some(t) = &pod.metadata.deletion_timestamp {
+                // The first one: the kubelet's final delete (grace 0) moves it
+                // to the moment the pod is removed.
+                if let (None, Some(t)) = (rec.deletion, &pod.metadata.deletion_timestamp) {
                     rec.deletion = Some(SystemTime::from(t.0));
                 }
                 let status = pod.status.as_ref();
@@ -307,4 +310,54 @@ pub fn deadline_of(note: &str) -> Option<(SystemTime, String)> {
         at,
         source.trim_matches(|c| c == '(' || c == ')').to_string(),
     ))
+}
+
+/// The chart's rendered Deployment `name` as a Job with the same pod
+/// template (`restartPolicy: Never`); the other documents are kept.
+pub fn deployment_to_job(yaml: &str, name: &str) -> String {
+    let mut out = String::new();
+    for doc in yaml.split("\n---") {
+        if !doc.contains("\nkind: Deployment") {
+            out.push_str(doc);
+            out.push_str("\n---");
+            continue;
+        }
+        let mut skipping = false;
+        for line in doc.lines() {
+            if line == "apiVersion: apps/v1" {
+                out.push_str("apiVersion: batch/v1\n");
+                continue;
+            }
+            if line == "kind: Deployment" {
+                out.push_str("kind: Job\n");
+                continue;
+            }
+            // replicas, selector and strategy: not Job fields.
+            if line.starts_with("  replicas:")
+                || line.starts_with("  selector:")
+                || line.starts_with("  strategy:")
+            {
+                skipping = true;
+                continue;
+            }
+            if skipping && line.starts_with("    ") {
+                continue;
+            }
+            skipping = false;
+            if line == "  template:" {
+                out.push_str("  backoffLimit: 0\n");
+            }
+            out.push_str(line);
+            out.push('\n');
+            if line == "    spec:" {
+                out.push_str("      restartPolicy: Never\n");
+            }
+        }
+        out.push_str("\n---");
+    }
+    assert!(
+        out.contains("kind: Job"),
+        "no Deployment {name} in the chart's output"
+    );
+    out
 }
