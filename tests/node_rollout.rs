@@ -119,6 +119,12 @@ async fn rollout_under_load(lab: &Lab, deployment: &str, selector: &str, kind: K
 async fn assert_lameduck_drained(lab: &Lab, pods: &PodLog, old: &[String]) {
     for pod in old {
         let rec = pods.get(pod).unwrap_or_default();
+        if rec.exits.get("lameduck") != Some(&0) {
+            let log = std::env::temp_dir().join(format!("lameduck-lab-logs/{pod}.log"));
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                eprintln!("----- {} -----\n{text}", log.display());
+            }
+        }
         assert_eq!(
             rec.exits.get("lameduck"),
             Some(&0),
@@ -139,6 +145,9 @@ async fn assert_lameduck_drained(lab: &Lab, pods: &PodLog, old: &[String]) {
             );
         }
         assert!(!ev.contains_key("DrainForced"), "pod {pod}: {ev:?}");
+        // The kubelet's record of the hooks: the app's GET /drained and the
+        // sidecar's `lameduck drain --wait` both returned cleanly.
+        assert!(!ev.contains_key("FailedPreStopHook"), "pod {pod}: {ev:?}");
         // EndpointsRemoved is published only when the window ended because no
         // slice routed to the pod (not the delay, not an API failure).
         let (deadline, source) = rollout::deadline_of(&ev["DrainStarted"])
@@ -268,6 +277,9 @@ fn pod_deletion_scale_down_short_grace_and_eviction_lose_no_request() {
         let mut steps = Vec::new();
 
         // kubectl delete pod
+        for p in rollout::live_pods(lab, sel).await {
+            rollout::follow_logs(lab, &p);
+        }
         let victim = rollout::live_pods(lab, sel).await.remove(0);
         let t = Instant::now();
         rollout::kubectl(lab, &["delete", "pod", &victim, "--wait=false"]).await;
@@ -431,5 +443,164 @@ fn job_with_native_sidecar_completes() {
             secs(t.elapsed())
         );
         assert_eq!(exit, Some(0), "lameduck in the Job's pod: {sidecar:?}");
+    });
+}
+
+/// What the flood of one hostile peer got from a lameduck pod's admin port.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flood {
+    held: usize,
+    refused: usize,
+}
+
+/// `per_peer` connections from each of `peers` (addresses on the node's
+/// `lo`, standing in for other pods' IPs) to `pod_ip:9901`, each holding
+/// `GET /drained?timeout=10m`. Returns the connections (to keep them open)
+/// and what happened to them.
+async fn flood_admin(
+    pod_ip: &str,
+    peers: &[String],
+    per_peer: usize,
+) -> (Vec<tokio::net::TcpStream>, Flood) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conns = Vec::new();
+    let mut f = Flood::default();
+    let target: std::net::SocketAddr = format!("{pod_ip}:9901").parse().expect("pod ip");
+    for peer in peers {
+        for _ in 0..per_peer {
+            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+            sock.bind(format!("{peer}:0").parse().expect("peer addr"))
+                .expect("bind peer");
+            let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_secs(2), sock.connect(target)).await
+            else {
+                f.refused += 1;
+                continue;
+            };
+            if s.write_all(b"GET /drained?timeout=10m HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .is_err()
+            {
+                f.refused += 1;
+                continue;
+            }
+            conns.push(s);
+        }
+    }
+    // Over the cap the admin server closes at accept: such a connection
+    // reads EOF (or a reset) at once; a held waiter reads nothing.
+    let mut held = Vec::new();
+    for mut s in conns {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut b)).await {
+            Err(_) => {
+                f.held += 1;
+                held.push(s);
+            }
+            Ok(_) => f.refused += 1,
+        }
+    }
+    (held, f)
+}
+
+/// The kubelet's path into lameduck survives other pods: hostile peers
+/// hold `GET /drained?timeout=10m` waiters on every pod's admin port (as
+/// many as they can get) through a rollout, and the rollout still loses no
+/// request, every app preStop hook returns cleanly and lameduck exits 0.
+#[test]
+fn admin_port_flood_by_other_pods_does_not_break_a_rollout() {
+    lab::run(async |lab| {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::Api;
+
+        let pods = PodLog::start(lab);
+        lab.apply_yaml(&rollout::chart("ld", REPLICAS, true, &[]));
+        rollout::wait_rolled_out(lab, "ld", Duration::from_secs(90)).await;
+        // Hostile peers: four more addresses on the node's lo.
+        let peers: Vec<String> = (1..=4).map(|i| format!("10.200.9.{i}")).collect();
+        for p in &peers {
+            lab.ip(&["addr", "add", &format!("{p}/32"), "dev", "lo"]);
+        }
+        let api: Api<Pod> = Api::namespaced(lab.cp().client(), rollout::NAMESPACE);
+        let mut held = Vec::new();
+        for name in rollout::live_pods(lab, "app.kubernetes.io/instance=ld").await {
+            let pod = api.get(&name).await.expect("get pod");
+            let ip = pod.status.and_then(|s| s.pod_ip).expect("pod IP");
+            let (conns, f) = flood_admin(&ip, &peers, 64).await;
+            eprintln!(
+                "flood of {name} ({ip}): {} held, {} refused",
+                f.held, f.refused
+            );
+            assert!(f.held > 0, "the flood got nothing held on {name}: {f:?}");
+            held.extend(conns);
+        }
+        let r =
+            rollout_under_load(lab, "ld", "app.kubernetes.io/instance=ld", Kind::KeepAlive).await;
+        eprintln!(
+            "rollout under an admin flood ({} waiters held): {}; rollout {}, old pods gone {}",
+            held.len(),
+            r.counts,
+            secs(r.rollout),
+            secs(r.gone)
+        );
+        assert_eq!(r.counts.failed(), 0, "{}", r.counts);
+        assert_lameduck_drained(lab, &pods, &r.old).await;
+        drop(held);
+    });
+}
+
+/// Rollouts in a row with nothing leaked: pods, their netns, cgroups, processes.
+/// `LAMEDUCK_SOAK_ROLLOUTS` (default 20, ≈ 20 s each here).
+#[test]
+fn soak_rollouts_leak_nothing() {
+    let n: usize = std::env::var("LAMEDUCK_SOAK_ROLLOUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    lab::run(async move |lab| {
+        let pods = PodLog::start(lab);
+        lab.apply_yaml(&rollout::chart("ld", REPLICAS, true, &[]));
+        rollout::wait_rolled_out(lab, "ld", Duration::from_secs(90)).await;
+        let sel = "app.kubernetes.io/instance=ld";
+        let procs_before = lab.lab_pids().len();
+        let netns_before = lab.pod_netns_count();
+        let cgroups_before = lab.pod_cgroups();
+        let rss_before = lab.rss_kib();
+        let mut total = Counts::default();
+        for i in 0..n {
+            let r = rollout_under_load(lab, "ld", sel, Kind::KeepAlive).await;
+            eprintln!(
+                "soak {}/{n}: {}; rollout {}, old pods gone {}",
+                i + 1,
+                r.counts,
+                secs(r.rollout),
+                secs(r.gone)
+            );
+            assert_lameduck_drained(lab, &pods, &r.old).await;
+            total.ok += r.counts.ok;
+            total.refused += r.counts.refused;
+            total.reset += r.counts.reset;
+            total.eof += r.counts.eof;
+            total.timeout += r.counts.timeout;
+            total.status_5xx += r.counts.status_5xx;
+            total.other += r.counts.other;
+        }
+        let live = rollout::live_pods(lab, sel).await;
+        let (procs, netns, cgroups) = (
+            lab.lab_pids().len(),
+            lab.pod_netns_count(),
+            lab.pod_cgroups(),
+        );
+        eprintln!(
+            "soak: {n} rollouts, {total}; pods {}, processes {procs_before} -> {procs}, pod netns {netns_before} -> {netns}, pod cgroups {cgroups_before} -> {cgroups}, RSS {} -> {} MiB",
+            live.len(),
+            rss_before / 1024,
+            lab.rss_kib() / 1024
+        );
+        assert_eq!(total.failed(), 0, "{total}");
+        assert_eq!(live.len(), REPLICAS as usize, "{live:?}");
+        assert_eq!(procs, procs_before, "lab processes");
+        assert_eq!(netns, netns_before, "pod network namespaces");
+        assert_eq!(cgroups, cgroups_before, "pod cgroups");
     });
 }

@@ -305,6 +305,8 @@ impl Lab {
             // endpoint the lease reconciler publishes.
             .apiserver_arg("--endpoint-reconciler-type=lease")
             .apiserver_san_ip(NODE_IP)
+            // `kubectl logs`: the node's name resolves nowhere in the lab.
+            .apiserver_arg("--kubelet-preferred-address-types=InternalIP")
             .controller_manager_arg("--node-monitor-grace-period=40s")
             .start()
             .await;
@@ -413,6 +415,30 @@ impl Lab {
                     || (mnt.is_some() && ns_inode(&pid.to_string(), "mnt") == mnt)
                     || in_cgroup(pid, &self.cgroup_root))
         })
+    }
+
+    /// `ip <args>` in the lab's netns; panics on failure.
+    pub fn ip(&self, args: &[&str]) {
+        sh(Command::new("ip").args(args)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Pod cgroups (`pod<uid>` directories) under the lab's cgroup root, in
+    /// the pids hierarchy.
+    pub fn pod_cgroups(&self) -> usize {
+        fn count(dir: &Path) -> usize {
+            let Ok(entries) = fs::read_dir(dir) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| {
+                    let own = usize::from(e.file_name().to_string_lossy().starts_with("pod"));
+                    own + count(&e.path())
+                })
+                .sum()
+        }
+        count(&Path::new("/sys/fs/cgroup/pids").join(self.cgroup_root.trim_start_matches('/')))
     }
 
     /// The lab's cgroup directories still on the host (all hierarchies).

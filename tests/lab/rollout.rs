@@ -361,3 +361,23 @@ pub fn deployment_to_job(yaml: &str, name: &str) -> String {
     );
     out
 }
+
+/// Follows the logs of every container of `pod` into
+/// `$TMPDIR/lameduck-lab-logs/<pod>.log` (kept after the lab, for a
+/// post-mortem of a failed drain); the follower ends with the pod.
+pub fn follow_logs(lab: &Lab, pod: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join("lameduck-lab-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("{pod}.log"));
+    if let Ok(file) = std::fs::File::create(&path) {
+        let _ = tokio::process::Command::new(lab.kubectl_path())
+            .args(["logs", "-f", "--all-containers", "--prefix", "--timestamps"])
+            .arg(format!("pod/{pod}"))
+            .env("KUBECONFIG", lab.cp().admin_kubeconfig())
+            .stdout(file)
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(false)
+            .spawn();
+    }
+    path
+}
