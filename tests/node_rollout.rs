@@ -604,3 +604,34 @@ fn soak_rollouts_leak_nothing() {
         assert_eq!(cgroups, cgroups_before, "pod cgroups");
     });
 }
+
+/// `metricsLinger: 0s`: lameduck exits the moment its drain completes, while
+/// its own preStop hook (`lameduck drain --wait`) is still waiting on it.
+/// The hook must still return cleanly (no `FailedPreStopHook`, seen in
+/// earlier runs as exit 137), and nothing is lost.
+#[test]
+fn rollout_with_no_metrics_linger_keeps_every_hook_clean() {
+    lab::run(async |lab| {
+        let pods = PodLog::start(lab);
+        lab.apply_yaml(&rollout::chart(
+            "ld",
+            REPLICAS,
+            true,
+            &["lameduck.metricsLinger=0s"],
+        ));
+        rollout::wait_rolled_out(lab, "ld", Duration::from_secs(90)).await;
+        for i in 0..3 {
+            let r = rollout_under_load(lab, "ld", "app.kubernetes.io/instance=ld", Kind::KeepAlive)
+                .await;
+            eprintln!(
+                "metricsLinger 0s, rollout {}: {}; rollout {}, old pods gone {}",
+                i + 1,
+                r.counts,
+                secs(r.rollout),
+                secs(r.gone)
+            );
+            assert_eq!(r.counts.failed(), 0, "{}", r.counts);
+            assert_lameduck_drained(lab, &pods, &r.old).await;
+        }
+    });
+}
