@@ -136,6 +136,12 @@ impl Fail {
     }
 
     fn count(self, t: &Tally, what: Kind) {
+        self.count_because(t, what, "");
+    }
+
+    /// Counts it; the first few are printed with `why` (the error's own
+    /// words, e.g. an HTTP/2 reason code), for a post-mortem.
+    fn count_because(self, t: &Tally, what: Kind, why: &str) {
         let c = match &self {
             Fail::Refused => &t.refused,
             Fail::Reset => &t.reset,
@@ -145,7 +151,7 @@ impl Fail {
             Fail::Other(_) => &t.other,
         };
         if c.fetch_add(1, Ordering::Relaxed) < 3 {
-            eprintln!("load: {what}: failed request: {self:?}");
+            eprintln!("load: {what}: failed request: {self:?} {why}");
         }
     }
 }
@@ -362,7 +368,11 @@ async fn http2_client(addr: SocketAddr, tally: &Tally, go: impl Fn() -> bool) {
                         s
                     }
                     Err(e) => {
-                        h2_fail(&e).count(tally, Kind::Http2);
+                        h2_fail(&e).count_because(
+                            tally,
+                            Kind::Http2,
+                            &format!("(handshake: {e:?})"),
+                        );
                         tokio::time::sleep(BACKOFF).await;
                         continue;
                     }
@@ -388,7 +398,7 @@ async fn http2_client(addr: SocketAddr, tally: &Tally, go: impl Fn() -> bool) {
                 sender = Some(s);
             }
             Ok(Err(e)) => {
-                h2_fail(&e).count(tally, Kind::Http2);
+                h2_fail(&e).count_because(tally, Kind::Http2, &format!("({e:?})"));
                 tokio::time::sleep(BACKOFF).await;
             }
             Err(_) => Fail::Timeout.count(tally, Kind::Http2),
