@@ -194,11 +194,11 @@ fn rollout_restart_behind_lameduck_loses_no_request_side_by_side() {
         let mut table = String::new();
         let _ = writeln!(
             table,
-            "| variant | load ({CLIENTS} clients) | requests | failed | refused | reset | EOF | timeout | 5xx | rollout | last old pod gone |"
+            "| variant | load ({CLIENTS} clients) | requests | failed | refused | reset | EOF | timeout | 5xx | unsent (h2, retryable) | rollout | last old pod gone |"
         );
         let _ = writeln!(
             table,
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let mut lameduck_failed = Vec::new();
         for kind in [Kind::KeepAlive, Kind::PerRequest, Kind::Http2] {
@@ -212,14 +212,15 @@ fn rollout_restart_behind_lameduck_loses_no_request_side_by_side() {
                 );
                 let _ = writeln!(
                     table,
-                    "| {label} | {kind} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    c.ok + c.failed(),
+                    "| {label} | {kind} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    c.ok + c.failed() + c.unsent,
                     c.failed(),
                     c.refused,
                     c.reset,
                     c.eof,
                     c.timeout,
                     c.status_5xx,
+                    c.unsent,
                     secs(r.rollout),
                     secs(r.gone)
                 );

@@ -59,6 +59,11 @@ pub struct Tally {
     pub status_5xx: AtomicU64,
     /// Anything else (printed to stderr, first few only).
     pub other: AtomicU64,
+    /// Not a failure, counted apart: hyper's HTTP/2 client reports the
+    /// request `Canceled` — queued on a connection that closed (after the
+    /// server's GOAWAY) before the request was written. hyper-util's pooled
+    /// Client, like other HTTP/2 clients, retries these by itself.
+    pub unsent: AtomicU64,
 }
 
 /// A snapshot of a [`Tally`].
@@ -71,6 +76,7 @@ pub struct Counts {
     pub timeout: u64,
     pub status_5xx: u64,
     pub other: u64,
+    pub unsent: u64,
 }
 
 impl Counts {
@@ -83,7 +89,7 @@ impl fmt::Display for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "ok {} failed {} (refused {}, reset {}, eof {}, timeout {}, 5xx {}, other {})",
+            "ok {} failed {} (refused {}, reset {}, eof {}, timeout {}, 5xx {}, other {}); unsent {}",
             self.ok,
             self.failed(),
             self.refused,
@@ -91,7 +97,8 @@ impl fmt::Display for Counts {
             self.eof,
             self.timeout,
             self.status_5xx,
-            self.other
+            self.other,
+            self.unsent
         )
     }
 }
@@ -107,6 +114,7 @@ impl Tally {
             timeout: g(&self.timeout),
             status_5xx: g(&self.status_5xx),
             other: g(&self.other),
+            unsent: g(&self.unsent),
         }
     }
 }
@@ -120,6 +128,7 @@ enum Fail {
     Timeout,
     Status(u16),
     Other(String),
+    Unsent,
 }
 
 impl Fail {
@@ -149,6 +158,7 @@ impl Fail {
             Fail::Timeout => &t.timeout,
             Fail::Status(_) => &t.status_5xx,
             Fail::Other(_) => &t.other,
+            Fail::Unsent => &t.unsent,
         };
         if c.fetch_add(1, Ordering::Relaxed) < 3 {
             eprintln!("load: {what}: failed request: {self:?} {why}");
@@ -407,6 +417,9 @@ async fn http2_client(addr: SocketAddr, tally: &Tally, go: impl Fn() -> bool) {
 }
 
 fn h2_fail(e: &hyper::Error) -> Fail {
+    if e.is_canceled() {
+        return Fail::Unsent;
+    }
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if let Some(io) = s.downcast_ref::<io::Error>() {
