@@ -37,6 +37,10 @@ bash scripts/k8s-build.sh >/dev/null
 # The OpenTelemetry Collector tests/otlp.rs exports to (OTLP receiver + file
 # exporter), built from the Go module proxy once (cached), a no-op afterwards.
 bash scripts/otelcol-build.sh >/dev/null
+# The node half of the lab cluster (tests/lab): containerd, runc, crictl from
+# the Go module proxy, CNI plugins and iptables from Debian, a pause image
+# built from scratch (cached, ~2 min cold).
+bash scripts/node-build.sh >/dev/null
 
 cargo test --locked --all-targets --no-fail-fast "$@"
 

@@ -133,6 +133,7 @@ pub struct Builder {
     service_accounts: Vec<(String, String)>,
     apiserver_args: Vec<String>,
     controller_manager_args: Vec<String>,
+    san_ips: Vec<String>,
 }
 
 impl Builder {
@@ -152,6 +153,14 @@ impl Builder {
     /// An extra kube-apiserver flag (`--name=value`), after the defaults.
     pub fn apiserver_arg(mut self, arg: impl Into<String>) -> Self {
         self.apiserver_args.push(arg.into());
+        self
+    }
+
+    /// An extra IP address in the apiserver's serving certificate (the lab
+    /// advertises the API on its node IP, which pods reach through the
+    /// `kubernetes` Service).
+    pub fn apiserver_san_ip(mut self, ip: impl Into<String>) -> Self {
+        self.san_ips.push(ip.into());
         self
     }
 
@@ -393,7 +402,7 @@ impl ControlPlane {
         }
         write(&path.join(OWNER_FILE), &std::process::id().to_string())?;
         let pki = path.join("pki");
-        make_pki(&pki)?;
+        make_pki(&pki, &opts.san_ips)?;
 
         let etcd_port = free_port();
         let peer_port = free_port();
@@ -739,13 +748,18 @@ fn random_token() -> String {
 
 /// The CA, the apiserver's serving certificate and the ServiceAccount
 /// signing key pair, with the openssl CLI (P-256 keys: instant to generate).
-fn make_pki(dir: &Path) -> Result<(), String> {
-    let ext = "basicConstraints=critical,CA:FALSE\n\
+fn make_pki(dir: &Path, san_ips: &[String]) -> Result<(), String> {
+    let mut ext = "basicConstraints=critical,CA:FALSE\n\
                keyUsage=critical,digitalSignature,keyEncipherment\n\
                extendedKeyUsage=serverAuth\n\
                subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,\
-               DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1\n";
-    write(&dir.join("apiserver.ext"), ext)?;
+               DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1"
+        .to_string();
+    for ip in san_ips {
+        let _ = write!(ext, ",IP:{ip}");
+    }
+    ext.push('\n');
+    write(&dir.join("apiserver.ext"), &ext)?;
     let ec = [
         "-newkey",
         "ec",

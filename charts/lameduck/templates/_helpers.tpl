@@ -159,9 +159,9 @@ startupProbe:
   timeoutSeconds: 1
   failureThreshold: 30
 readinessProbe:
-  periodSeconds: 2
+  periodSeconds: 1
   timeoutSeconds: 1
-  failureThreshold: 2
+  failureThreshold: 1
   successThreshold: 1
 livenessProbe:
   periodSeconds: 10
