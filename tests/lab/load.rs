@@ -59,10 +59,12 @@ pub struct Tally {
     pub status_5xx: AtomicU64,
     /// Anything else (printed to stderr, first few only).
     pub other: AtomicU64,
-    /// Not a failure, counted apart: hyper's HTTP/2 client reports the
-    /// request `Canceled` — queued on a connection that closed (after the
-    /// server's GOAWAY) before the request was written. hyper-util's pooled
-    /// Client, like other HTTP/2 clients, retries these by itself.
+    /// Re-sent, not failed: hyper's HTTP/2 client reported the request
+    /// `Canceled`, queued on a connection that closed (after the server's
+    /// GOAWAY) before the request was written. The load generator sends it
+    /// again once on a new connection, as hyper-util's pooled Client and
+    /// other HTTP/2 clients do by themselves; a re-send that fails is
+    /// counted as a failure of its kind.
     pub unsent: AtomicU64,
 }
 
@@ -346,8 +348,12 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 async fn http2_client(addr: SocketAddr, tally: &Tally, go: impl Fn() -> bool) {
     let mut sender: Option<hyper::client::conn::http2::SendRequest<Empty<Bytes>>> = None;
+    // A request hyper never wrote (its connection closed after GOAWAY) is
+    // sent again once on a new connection, as pooled HTTP/2 clients do; if
+    // that fails too, it counts as failed.
+    let mut resend = false;
     for _ in 0..MAX_REQUESTS_PER_CLIENT {
-        if !go() {
+        if !go() && !resend {
             break;
         }
         // A connection that got GOAWAY stops being ready: a new one, and no
@@ -402,16 +408,26 @@ async fn http2_client(addr: SocketAddr, tally: &Tally, go: impl Fn() -> bool) {
             Ok(Ok(status)) if status < 500 => {
                 tally.ok.fetch_add(1, Ordering::Relaxed);
                 sender = Some(s);
+                resend = false;
             }
             Ok(Ok(status)) => {
                 Fail::Status(status).count(tally, Kind::Http2);
                 sender = Some(s);
+                resend = false;
+            }
+            Ok(Err(e)) if e.is_canceled() && !resend => {
+                tally.unsent.fetch_add(1, Ordering::Relaxed);
+                resend = true;
             }
             Ok(Err(e)) => {
+                resend = false;
                 h2_fail(&e).count_because(tally, Kind::Http2, &format!("({e:?})"));
                 tokio::time::sleep(BACKOFF).await;
             }
-            Err(_) => Fail::Timeout.count(tally, Kind::Http2),
+            Err(_) => {
+                resend = false;
+                Fail::Timeout.count(tally, Kind::Http2)
+            }
         }
     }
 }
