@@ -323,6 +323,15 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Appends `,"key":value`, or `null` for none.
+fn push_number(out: &mut Vec<u8>, key: &str, value: Option<impl std::fmt::Display>) {
+    use std::io::Write;
+    let _ = match value {
+        Some(v) => write!(out, ",\"{key}\":{v}"),
+        None => write!(out, ",\"{key}\":null"),
+    };
+}
+
 /// Appends one line (with its newline) for `e`. Written straight into the
 /// batch buffer: no intermediate strings (the writer shares the proxy's
 /// threads, so its cost is the proxy's).
@@ -354,32 +363,12 @@ pub fn format_line(e: &Entry, format: Format, out: &mut Vec<u8>) {
                     push_json_str(out, value);
                 }
             }
-            let _ = write!(out, ",\"protocol\":\"{}\",\"status\":", e.protocol);
-            match e.status {
-                0 => out.extend_from_slice(b"null"),
-                n => {
-                    let _ = write!(out, "{n}");
-                }
-            }
-            out.extend_from_slice(b",\"request_bytes\":");
-            match e.request_bytes {
-                Some(n) => {
-                    let _ = write!(out, "{n}");
-                }
-                None => out.extend_from_slice(b"null"),
-            }
-            let _ = write!(
-                out,
-                ",\"response_bytes\":{},\"duration_ms\":{},\"upstream_head_ms\":",
-                e.response_bytes,
-                ms(e.duration)
-            );
-            match e.upstream_head {
-                Some(d) => {
-                    let _ = write!(out, "{}", ms(d));
-                }
-                None => out.extend_from_slice(b"null"),
-            }
+            let _ = write!(out, ",\"protocol\":\"{}\"", e.protocol);
+            push_number(out, "status", (e.status != 0).then_some(e.status));
+            push_number(out, "request_bytes", e.request_bytes);
+            push_number(out, "response_bytes", Some(e.response_bytes));
+            push_number(out, "duration_ms", Some(ms(e.duration)));
+            push_number(out, "upstream_head_ms", e.upstream_head.map(ms));
             out.extend_from_slice(b",\"upstream_connection\":");
             match upstream_connection(e) {
                 Some(c) => {
