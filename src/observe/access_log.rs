@@ -24,6 +24,8 @@ pub const QUEUE_LINES: usize = 8192;
 /// write of at most PIPE_BUF (4096 on Linux) to a pipe is atomic, so access
 /// lines and the other logs never interleave mid-line.
 const STDERR_BATCH_BYTES: usize = 4096;
+/// How long the writer lets lines gather after the first one, at most.
+const GATHER: Duration = Duration::from_millis(20);
 /// A file has the access log to itself: larger batches, fewer writes (each
 /// one a hop to tokio's blocking pool).
 const FILE_BATCH_BYTES: usize = 64 * 1024;
@@ -223,8 +225,19 @@ impl Writer {
                 () = stop.cancelled() => None,
             };
             let Some(first) = first else { break };
+            // Let lines gather: woken per line, the writer would cost a task
+            // switch and a write per request (the queue holds far more than
+            // what arrives meanwhile).
+            tokio::select! {
+                () = tokio::time::sleep(GATHER) => {}
+                () = stop.cancelled() => {}
+            }
             self.write_batch(Some(first), batch, &mut buf, &mut out, &mut failed)
                 .await;
+            while !self.rx.is_empty() && !stop.is_cancelled() {
+                self.write_batch(None, batch, &mut buf, &mut out, &mut failed)
+                    .await;
+            }
         }
         // Stopping: the requests are done, so what is queued is all there is.
         while !self.rx.is_empty() {
