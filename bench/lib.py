@@ -249,9 +249,10 @@ def cmd_parse(tool, path, kvs):
 
 # ----------------------------------------------------------------------------- report
 
-TARGET_ORDER = ["direct", "haproxy", "nginx", "lameduck", "ld-log", "ld-trace1", "ld-trace100"]
+TARGET_ORDER = ["direct", "haproxy", "nginx", "lameduck", "ld-base", "ld-log", "ld-trace1", "ld-trace100"]
 # lameduck with the access log on, spans sampled at 1 % and at 100 % (to a collector).
 VARIANTS = {
+    "ld-base": "another build (LAMEDUCK_BASE_BIN), default flags",
     "ld-log": "access log on (JSON, to /dev/null)",
     "ld-trace1": "spans sampled at 1 %, OTLP to a collector",
     "ld-trace100": "spans sampled at 100 %, OTLP to a collector",

@@ -11,6 +11,8 @@
 #                             the access log on / spans sampled at 1 % and 100 % to a real
 #                             OpenTelemetry Collector; h1 workload only, reported as ratios to
 #                             `lameduck` with both off)
+#                             (+ ld-base: another lameduck binary, LAMEDUCK_BASE_BIN, default
+#                             flags, h1 only: an A/B of two builds in the same rounds)
 #   WORKLOADS="h1 close h2 big tcp rate idle drain tls_h1 tls_close tls_h2"
 #                             (a b c d e g f + lameduck drain timings + TLS (h) (i) (j); the
 #                             TLS ones run against haproxy, nginx and lameduck, all terminating
@@ -70,8 +72,8 @@ for v in ROUNDS DURATION RATE IDLE_CONNS BIG_CONNS BASE_PORT; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive integer (got '${!v}')"
 done
 for t in $TARGETS; do
-    case $t in direct|haproxy|nginx|lameduck|ld-log|ld-trace1|ld-trace100) ;;
-    *) die "unknown target '$t' (direct haproxy nginx lameduck ld-log ld-trace1 ld-trace100)";; esac
+    case $t in direct|haproxy|nginx|lameduck|ld-log|ld-trace1|ld-trace100|ld-base) ;;
+    *) die "unknown target '$t' (direct haproxy nginx lameduck ld-log ld-trace1 ld-trace100 ld-base)";; esac
 done
 for w in $WORKLOADS; do
     case $w in h1|close|h2|big|tcp|rate|idle|drain|tls_h1|tls_close|tls_h2) ;; *) die "unknown workload '$w' (h1 close h2 big tcp rate idle drain tls_h1 tls_close tls_h2)";; esac
@@ -225,8 +227,9 @@ HA_H1=$((BASE_PORT + 10));   HA_H2=$((BASE_PORT + 11));   HA_TCP=$((BASE_PORT + 
 NG_H1=$((BASE_PORT + 20));   NG_H2=$((BASE_PORT + 21));   NG_TCP=$((BASE_PORT + 22))
 LD_HTTP=$((BASE_PORT + 30)); LD_ADMIN=$((BASE_PORT + 31)); LD_TCP=$((BASE_PORT + 32)); LD_TCP_ADMIN=$((BASE_PORT + 33))
 # Observability variants of lameduck (HTTP port, admin port) and the collector they export to.
-declare -A VAR_HTTP=([ld-log]=$((BASE_PORT + 40)) [ld-trace1]=$((BASE_PORT + 42)) [ld-trace100]=$((BASE_PORT + 44)))
-declare -A VAR_ADMIN=([ld-log]=$((BASE_PORT + 41)) [ld-trace1]=$((BASE_PORT + 43)) [ld-trace100]=$((BASE_PORT + 45)))
+declare -A VAR_HTTP=([ld-log]=$((BASE_PORT + 40)) [ld-trace1]=$((BASE_PORT + 42)) [ld-trace100]=$((BASE_PORT + 44)) [ld-base]=$((BASE_PORT + 47)))
+declare -A VAR_ADMIN=([ld-log]=$((BASE_PORT + 41)) [ld-trace1]=$((BASE_PORT + 43)) [ld-trace100]=$((BASE_PORT + 45)) [ld-base]=$((BASE_PORT + 48)))
+LAMEDUCK_BASE_BIN=${LAMEDUCK_BASE_BIN:-}
 OTELCOL_PORT=$((BASE_PORT + 46))
 # TLS: one port each, h2 and http/1.1 by ALPN.
 HA_TLS=$((BASE_PORT + 13));  NG_TLS=$((BASE_PORT + 23));  LD_TLS=$((BASE_PORT + 34)); LD_TLS_ADMIN=$((BASE_PORT + 35))
@@ -342,15 +345,16 @@ start_target() {
         wait_port "$LD_HTTP" || die "lameduck did not start: $(cat "$TMP/lameduck-http.log")"
         ;;
     ld-*)
-        local extra=()
+        local extra=() bin=$LAMEDUCK_BIN
         case $1 in
+        ld-base) bin=$TMP/lameduck-base ;;
         # To /dev/null: the cost of making, queueing, formatting and writing each line,
         # without a disk in the figure (a container's stdout pipe would cost more).
         ld-log) extra=(--access-log json --access-log-file /dev/null) ;;
         ld-trace1) extra=(--otlp-endpoint "http://127.0.0.1:$OTELCOL_PORT" --trace-sample-ratio 0.01) ;;
         ld-trace100) extra=(--otlp-endpoint "http://127.0.0.1:$OTELCOL_PORT" --trace-sample-ratio 1) ;;
         esac
-        start_bg taskset -c "$PROXY_CPU" "$LAMEDUCK_BIN" --listen "127.0.0.1:${VAR_HTTP[$1]}" \
+        start_bg taskset -c "$PROXY_CPU" "$bin" --listen "127.0.0.1:${VAR_HTTP[$1]}" \
             --admin-listen "127.0.0.1:${VAR_ADMIN[$1]}" --upstream "127.0.0.1:$UP_H1" --log-level warn \
             "${extra[@]}" 2>"$TMP/$1.log"
         TPID[$1]=$BG_PID
@@ -546,6 +550,11 @@ main() {
         LAMEDUCK_DESC="$LAMEDUCK_BIN (built $(date -r "$LAMEDUCK_BIN" '+%F %T'), sha256 $(sha256sum "$LAMEDUCK_BIN" | cut -c1-12); repo HEAD $(cd "$REPO_DIR" && git rev-parse --short HEAD 2>/dev/null || echo 'none')$(cd "$REPO_DIR" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' + uncommitted changes in src'))"
         cp "$LAMEDUCK_BIN" "$TMP/lameduck"
         LAMEDUCK_BIN=$TMP/lameduck
+        if has "$TARGETS" ld-base; then
+            [[ -x $LAMEDUCK_BASE_BIN ]] || die "ld-base needs LAMEDUCK_BASE_BIN (another lameduck binary)"
+            LAMEDUCK_DESC+="; ld-base: $LAMEDUCK_BASE_BIN (sha256 $(sha256sum "$LAMEDUCK_BASE_BIN" | cut -c1-12))"
+            cp "$LAMEDUCK_BASE_BIN" "$TMP/lameduck-base"
+        fi
     fi
     mkdir -p "$TMP/www" "$RESULTS_DIR"
     head -c 1048576 /dev/urandom >"$TMP/www/1m"

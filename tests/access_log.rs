@@ -15,6 +15,24 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// GET on a new connection with this `x-request-id`.
+async fn get_with_id(proxy: SocketAddr, path: &str, id: &str) -> HttpResponse {
+    http_request(proxy, "GET", path, &[("x-request-id", id)], b"")
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e:?}"))
+}
+
+/// Until a request is in flight.
+async fn wait_in_flight(ld: &Lameduck) {
+    wait_metric(
+        ld.admin_addr(),
+        "lameduck_requests_in_flight",
+        |v| v >= 1.0,
+        secs(5),
+    )
+    .await;
+}
+
 fn access_lines(ld: &Lameduck) -> Vec<Value> {
     ld.logs_with_message("access")
 }
@@ -137,15 +155,7 @@ async fn answered_requests_are_logged_field_by_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_query_is_logged_only_with_access_log_query() {
     let (_app, ld) = app_behind_lameduck(&["--access-log", "json", "--access-log-query"]).await;
-    let r = http_request(
-        ld.proxy_addr(),
-        "GET",
-        "/?a=1&b=2",
-        &[("x-request-id", "q")],
-        b"",
-    )
-    .await
-    .unwrap();
+    let r = get_with_id(ld.proxy_addr(), "/?a=1&b=2", "q").await;
     assert_eq!(r.status, 200);
     assert_eq!(s(&line_for(&ld, "q").await, "path"), Some("/?a=1&b=2"));
 }
@@ -155,9 +165,7 @@ async fn upstream_failures_are_logged_with_their_kind() {
     let (_app, ld) =
         app_behind_lameduck(&["--access-log", "json", "--upstream-timeout", "300ms"]).await;
     let proxy = ld.proxy_addr();
-    let r = http_request(proxy, "GET", "/hang", &[("x-request-id", "hang")], b"")
-        .await
-        .unwrap();
+    let r = get_with_id(proxy, "/hang", "hang").await;
     assert_eq!(r.status, 504);
     let line = line_for(&ld, "hang").await;
     assert_well_formed(&line);
@@ -179,15 +187,7 @@ async fn upstream_failures_are_logged_with_their_kind() {
     // No app at all (spawn waits for the listening line).
     let down = closed_port().to_string();
     let ld2 = Lameduck::spawn(&["--upstream", &down, "--access-log", "json"]);
-    let r = http_request(
-        ld2.proxy_addr(),
-        "GET",
-        "/",
-        &[("x-request-id", "refused")],
-        b"",
-    )
-    .await
-    .unwrap();
+    let r = get_with_id(ld2.proxy_addr(), "/", "refused").await;
     assert_eq!(r.status, 502);
     let line = line_for(&ld2, "refused").await;
     assert_eq!(n(&line, "status"), Some(502));
@@ -227,15 +227,7 @@ async fn requests_during_the_drain_are_marked_with_their_phase() {
     let (_app, ld) = app_behind_lameduck(&["--access-log", "json", "--drain-delay", "2s"]).await;
     ld.signal(Signal::SIGTERM);
     ld.wait_for_state_log("draining", secs(5)).await;
-    let r = http_request(
-        ld.proxy_addr(),
-        "GET",
-        "/",
-        &[("x-request-id", "late")],
-        b"",
-    )
-    .await
-    .unwrap();
+    let r = get_with_id(ld.proxy_addr(), "/", "late").await;
     assert_eq!(r.status, 200);
     assert!(r.has_connection_close());
     let line = line_for(&ld, "late").await;
@@ -259,13 +251,7 @@ async fn requests_cut_at_the_deadline_are_logged_as_forced_before_exit() {
     let pending = tokio::spawn(async move {
         http_request(proxy, "GET", "/hang", &[("x-request-id", "stuck")], b"").await
     });
-    wait_metric(
-        ld.admin_addr(),
-        "lameduck_requests_in_flight",
-        |v| v >= 1.0,
-        secs(5),
-    )
-    .await;
+    wait_in_flight(&ld).await;
     ld.signal(Signal::SIGTERM);
     let status = ld.wait_exit(secs(10)).await;
     assert_eq!(status.code(), Some(3), "deadline exit");
@@ -333,13 +319,7 @@ async fn http2_streams_are_logged_one_line_each() {
 
     // A stream the client resets while the app is still thinking.
     let slow = c.start(proxy, "/slow?ms=2000", "h2-reset").await;
-    wait_metric(
-        ld.admin_addr(),
-        "lameduck_requests_in_flight",
-        |v| v >= 1.0,
-        secs(5),
-    )
-    .await;
+    wait_in_flight(&ld).await;
     drop(slow);
     drop(c);
     let line = line_for(&ld, "h2-reset").await;
@@ -386,15 +366,7 @@ async fn the_text_format_and_the_file_carry_the_same_fields() {
         "0s",
     ])
     .await;
-    let r = http_request(
-        ld.proxy_addr(),
-        "GET",
-        "/bytes?n=3",
-        &[("x-request-id", "txt")],
-        b"",
-    )
-    .await
-    .unwrap();
+    let r = get_with_id(ld.proxy_addr(), "/bytes?n=3", "txt").await;
     assert_eq!(r.status, 200);
     ld.signal(Signal::SIGTERM);
     assert_eq!(ld.wait_exit(secs(10)).await.code(), Some(0));

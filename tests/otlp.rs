@@ -101,7 +101,9 @@ impl Collector {
     fn spans(&self) -> Vec<(Value, Value)> {
         let text = std::fs::read_to_string(&self.out).unwrap_or_default();
         let mut spans = Vec::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        // Only whole lines: the collector may be writing the last one.
+        let lines = text.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+        for line in lines.filter(|l| !l.trim().is_empty()) {
             let request: Value = serde_json::from_str(line).unwrap();
             for rs in request["resourceSpans"].as_array().into_iter().flatten() {
                 for ss in rs["scopeSpans"].as_array().into_iter().flatten() {

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
-use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,10 +20,15 @@ use super::trace_context::RequestTrace;
 
 /// Lines queued for the writer at most; more are dropped and counted.
 pub const QUEUE_LINES: usize = 8192;
-/// Lines are written in batches of at most this many bytes: a write of at most
-/// PIPE_BUF (4096 on Linux) to a pipe is atomic, so access lines and the
-/// other logs on stderr never interleave mid-line.
-const BATCH_BYTES: usize = 4096;
+/// On stderr, lines are written in batches of at most this many bytes: a
+/// write of at most PIPE_BUF (4096 on Linux) to a pipe is atomic, so access
+/// lines and the other logs never interleave mid-line.
+const STDERR_BATCH_BYTES: usize = 4096;
+/// How long the writer lets lines gather after the first one, at most.
+const GATHER: Duration = Duration::from_millis(20);
+/// A file has the access log to itself: larger batches, fewer writes (each
+/// one a hop to tokio's blocking pool).
+const FILE_BATCH_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -198,13 +202,21 @@ impl Writer {
     /// Writes lines until `stop`, then whatever is still queued, and flushes.
     pub async fn run(self, destination: Destination, stop: CancellationToken) {
         match destination {
-            Destination::Stderr => self.run_on(tokio::io::stderr(), stop).await,
-            Destination::File(file) => self.run_on(file, stop).await,
+            Destination::Stderr => {
+                self.run_on(tokio::io::stderr(), STDERR_BATCH_BYTES, stop)
+                    .await
+            }
+            Destination::File(file) => self.run_on(file, FILE_BATCH_BYTES, stop).await,
         }
     }
 
-    async fn run_on<W: AsyncWrite + Unpin>(mut self, mut out: W, stop: CancellationToken) {
-        let mut buf = Vec::with_capacity(2 * BATCH_BYTES);
+    async fn run_on<W: AsyncWrite + Unpin>(
+        mut self,
+        mut out: W,
+        batch: usize,
+        stop: CancellationToken,
+    ) {
+        let mut buf = Vec::with_capacity(2 * batch);
         let mut failed = false;
         loop {
             let first = tokio::select! {
@@ -213,12 +225,23 @@ impl Writer {
                 () = stop.cancelled() => None,
             };
             let Some(first) = first else { break };
-            self.write_batch(Some(first), &mut buf, &mut out, &mut failed)
+            // Let lines gather: woken per line, the writer would cost a task
+            // switch and a write per request (the queue holds far more than
+            // what arrives meanwhile).
+            tokio::select! {
+                () = tokio::time::sleep(GATHER) => {}
+                () = stop.cancelled() => {}
+            }
+            self.write_batch(Some(first), batch, &mut buf, &mut out, &mut failed)
                 .await;
+            while !self.rx.is_empty() && !stop.is_cancelled() {
+                self.write_batch(None, batch, &mut buf, &mut out, &mut failed)
+                    .await;
+            }
         }
         // Stopping: the requests are done, so what is queued is all there is.
         while !self.rx.is_empty() {
-            self.write_batch(None, &mut buf, &mut out, &mut failed)
+            self.write_batch(None, batch, &mut buf, &mut out, &mut failed)
                 .await;
         }
         let _ = out.flush().await;
@@ -227,6 +250,7 @@ impl Writer {
     async fn write_batch<W: AsyncWrite + Unpin>(
         &mut self,
         first: Option<Box<Entry>>,
+        limit: usize,
         buf: &mut Vec<u8>,
         out: &mut W,
         failed: &mut bool,
@@ -237,11 +261,11 @@ impl Writer {
             format_line(&first, self.format, buf);
             lines += 1;
         }
-        while buf.len() < BATCH_BYTES {
+        while buf.len() < limit {
             let Ok(entry) = self.rx.try_recv() else { break };
             let before = buf.len();
             format_line(&entry, self.format, buf);
-            if buf.len() > BATCH_BYTES && before > 0 {
+            if buf.len() > limit && before > 0 {
                 // Keep the batch atomic: this line starts the next one.
                 let rest = buf.split_off(before);
                 self.write(buf, out, failed, lines).await;
@@ -281,82 +305,113 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-#[derive(Serialize)]
-struct JsonLine<'a> {
-    timestamp: String,
-    level: &'static str,
-    target: &'static str,
-    message: &'static str,
-    request_id: &'a str,
-    trace_id: Option<String>,
-    span_id: Option<String>,
-    method: Option<&'a str>,
-    path: Option<&'a str>,
-    protocol: &'static str,
-    status: Option<u16>,
-    request_bytes: Option<u64>,
-    response_bytes: u64,
-    duration_ms: f64,
-    upstream_head_ms: Option<f64>,
-    upstream_connection: Option<&'static str>,
-    retried: bool,
-    draining: bool,
-    phase: &'static str,
-    outcome: &'static str,
-}
-
 fn upstream_connection(e: &Entry) -> Option<&'static str> {
     e.upstream_reused.map(|r| if r { "reused" } else { "new" })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    let mut out = vec![0u8; bytes.len() * 2];
-    super::trace_context::hex_write(bytes, &mut out);
-    String::from_utf8(out).unwrap_or_default()
+/// Appends `bytes` as lowercase hex.
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    let start = out.len();
+    out.resize(start + bytes.len() * 2, 0);
+    super::trace_context::hex_write(bytes, &mut out[start..]);
 }
 
-/// Appends one line (with its newline) for `e`.
+/// Appends `s` as a JSON string (RFC 8259 §7 escapes).
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..=0x1f | 0x7f => {
+                use std::io::Write;
+                let _ = write!(out, "\\u{b:04x}");
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+/// Appends `,"key":value`, or `null` for none.
+fn push_number(out: &mut Vec<u8>, key: &str, value: Option<impl std::fmt::Display>) {
+    use std::io::Write;
+    let _ = match value {
+        Some(v) => write!(out, ",\"{key}\":{v}"),
+        None => write!(out, ",\"{key}\":null"),
+    };
+}
+
+/// Appends one line (with its newline) for `e`. Written straight into the
+/// batch buffer: no intermediate strings (the writer shares the proxy's
+/// threads, so its cost is the proxy's).
 pub fn format_line(e: &Entry, format: Format, out: &mut Vec<u8>) {
-    let timestamp = humantime::format_rfc3339_micros(e.time).to_string();
-    let trace_id = e.trace.map(|t| hex(&t.trace_id));
-    let span_id = e.trace.map(|t| hex(&t.span_id));
+    use std::io::Write;
+    let time = humantime::format_rfc3339_micros(e.time);
     match format {
         Format::Json => {
-            let line = JsonLine {
-                timestamp,
-                level: "INFO",
-                target: "lameduck::access",
-                message: "access",
-                request_id: &e.request_id,
-                trace_id,
-                span_id,
-                method: (!e.method.is_empty()).then_some(e.method.as_str()),
-                path: (!e.path.is_empty()).then_some(e.path.as_str()),
-                protocol: e.protocol,
-                status: (e.status != 0).then_some(e.status),
-                request_bytes: e.request_bytes,
-                response_bytes: e.response_bytes,
-                duration_ms: ms(e.duration),
-                upstream_head_ms: e.upstream_head.map(ms),
-                upstream_connection: upstream_connection(e),
-                retried: e.retried,
-                draining: e.phase != "accepting",
-                phase: e.phase,
-                outcome: e.end.as_str(),
-            };
-            // Serialising plain strings and numbers cannot fail.
-            let _ = serde_json::to_writer(&mut *out, &line);
-            out.push(b'\n');
+            let _ = write!(
+                out,
+                "{{\"timestamp\":\"{time}\",\"level\":\"INFO\",\"target\":\"lameduck::access\",\"message\":\"access\",\"request_id\":"
+            );
+            push_json_str(out, &e.request_id);
+            match &e.trace {
+                Some(t) => {
+                    out.extend_from_slice(b",\"trace_id\":\"");
+                    push_hex(out, &t.trace_id);
+                    out.extend_from_slice(b"\",\"span_id\":\"");
+                    push_hex(out, &t.span_id);
+                    out.push(b'"');
+                }
+                None => out.extend_from_slice(b",\"trace_id\":null,\"span_id\":null"),
+            }
+            for (key, value) in [("method", &e.method), ("path", &e.path)] {
+                let _ = write!(out, ",\"{key}\":");
+                if value.is_empty() {
+                    out.extend_from_slice(b"null");
+                } else {
+                    push_json_str(out, value);
+                }
+            }
+            let _ = write!(out, ",\"protocol\":\"{}\"", e.protocol);
+            push_number(out, "status", (e.status != 0).then_some(e.status));
+            push_number(out, "request_bytes", e.request_bytes);
+            push_number(out, "response_bytes", Some(e.response_bytes));
+            push_number(out, "duration_ms", Some(ms(e.duration)));
+            push_number(out, "upstream_head_ms", e.upstream_head.map(ms));
+            out.extend_from_slice(b",\"upstream_connection\":");
+            match upstream_connection(e) {
+                Some(c) => {
+                    let _ = write!(out, "\"{c}\"");
+                }
+                None => out.extend_from_slice(b"null"),
+            }
+            let _ = writeln!(
+                out,
+                ",\"retried\":{},\"draining\":{},\"phase\":\"{}\",\"outcome\":\"{}\"}}",
+                e.retried,
+                e.phase != "accepting",
+                e.phase,
+                e.end.as_str()
+            );
         }
         Format::Text => {
-            use std::io::Write;
+            let _ = write!(out, "{time} access request_id={:?} trace_id=", e.request_id);
+            match &e.trace {
+                Some(t) => {
+                    push_hex(out, &t.trace_id);
+                    out.extend_from_slice(b" span_id=");
+                    push_hex(out, &t.span_id);
+                }
+                None => out.extend_from_slice(b"- span_id=-"),
+            }
             let dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
             let _ = writeln!(
                 out,
-                "{timestamp} access request_id={:?} trace_id={} span_id={} method={} path={:?} protocol={} status={} request_bytes={} response_bytes={} duration_ms={} upstream_head_ms={} upstream_connection={} retried={} draining={} phase={} outcome={}",
-                e.request_id,
-                dash(trace_id),
-                dash(span_id),
+                " method={} path={:?} protocol={} status={} request_bytes={} response_bytes={} duration_ms={} upstream_head_ms={} upstream_connection={} retried={} draining={} phase={} outcome={}",
                 if e.method.is_empty() { "-" } else { &e.method },
                 if e.path.is_empty() { "-" } else { &e.path },
                 e.protocol,
@@ -404,6 +459,20 @@ mod tests {
         assert_eq!(v["draining"], true);
         assert_eq!(v["trace_id"], serde_json::Value::Null);
         assert_eq!(v["outcome"], "ok");
+        assert_eq!(v["request_bytes"], 0);
+        assert_eq!(v["status"], 200);
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut e = entry();
+        e.path = "/a\"b\\c\u{1}\u{e9}".into();
+        e.request_bytes = None;
+        let mut out = Vec::new();
+        format_line(&e, Format::Json, &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["path"], "/a\"b\\c\u{1}\u{e9}");
+        assert_eq!(v["request_bytes"], serde_json::Value::Null);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub const QUEUE_SPANS: usize = 4096;
 const MAX_BATCH: usize = 512;
 /// A batch goes out at the latest this long after its first span.
 const BATCH_DELAY: Duration = Duration::from_secs(1);
+/// How often a batch being filled takes what has arrived.
+const GATHER: Duration = Duration::from_millis(50);
 /// Bound on one export request (connect included).
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -136,15 +138,19 @@ impl Exporter {
             };
             let Some(first) = first else { break };
             batch.push(first);
+            // Gather for a moment rather than wake per span; a full batch
+            // goes at once, and nothing waits longer than BATCH_DELAY.
             let due = Instant::now() + BATCH_DELAY;
-            while batch.len() < MAX_BATCH {
+            loop {
+                while batch.len() < MAX_BATCH {
+                    let Ok(span) = self.rx.try_recv() else { break };
+                    batch.push(span);
+                }
+                if batch.len() >= MAX_BATCH || Instant::now() >= due {
+                    break;
+                }
                 tokio::select! {
-                    biased;
-                    span = self.rx.recv() => match span {
-                        Some(span) => batch.push(span),
-                        None => break,
-                    },
-                    () = sleep_until(due) => break,
+                    () = sleep_until(due.min(Instant::now() + GATHER)) => {}
                     () = stop.cancelled() => break,
                 }
             }
