@@ -187,7 +187,7 @@ mod defaults {
     }
     pub fn readiness_probe() -> Map<String, Value> {
         object(json!({
-            "periodSeconds": 2, "timeoutSeconds": 1, "failureThreshold": 2, "successThreshold": 1
+            "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 1, "successThreshold": 1
         }))
     }
     pub fn liveness_probe() -> Map<String, Value> {
