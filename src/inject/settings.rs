@@ -518,9 +518,10 @@ mod tests {
 
     #[test]
     fn probe_settings_merge_key_by_key() {
-        let s = settings(json!({"readinessProbe": {"periodSeconds": 1}}));
-        assert_eq!(s.readiness_probe["periodSeconds"], 1);
-        assert_eq!(s.readiness_probe["failureThreshold"], 2);
+        let s = settings(json!({"readinessProbe": {"periodSeconds": 3}}));
+        assert_eq!(s.readiness_probe["periodSeconds"], 3);
+        assert_eq!(s.readiness_probe["failureThreshold"], 1);
+        assert_eq!(s.readiness_probe["successThreshold"], 1);
     }
 
     #[test]
