@@ -678,6 +678,24 @@ async fn helm_install_and_upgrade_keep_the_injectors_certificate() {
         .expect("the dashboard ConfigMap");
 }
 
+/// Creates a Pod labelled for injection; panics if it is refused (`during`
+/// says when) or stored without the sidecar.
+async fn create_injected(pods: &Api<Pod>, name: &str, during: &str) {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"lameduck.io/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    }))
+    .unwrap();
+    let stored = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("{name} not admitted {during}: {e}"));
+    assert!(
+        stored.spec.unwrap().init_containers.is_some(),
+        "{name} not injected {during}"
+    );
+}
+
 /// A directory laid out as the kubelet lays out a Secret volume: the files
 /// are symlinks into `..data`, itself a symlink to a timestamped directory
 /// that an update replaces with one atomic rename.
@@ -758,19 +776,7 @@ async fn a_rotated_certificate_is_served_without_a_failed_admission() {
             30 => volume.publish(&second_cert, &second_key),
             _ => {}
         }
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": format!("pod-{i}"), "labels": {"lameduck.io/inject": "true"}},
-            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
-        }))
-        .unwrap();
-        let stored = pods
-            .create(&PostParams::default(), &pod)
-            .await
-            .unwrap_or_else(|e| panic!("pod {i} not admitted during the rotation: {e}"));
-        assert!(
-            stored.spec.unwrap().init_containers.is_some(),
-            "pod {i} not injected"
-        );
+        create_injected(&pods, &format!("pod-{i}"), "during the rotation").await;
         created += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -849,19 +855,7 @@ async fn the_injector_rolls_without_failing_an_admission() {
             cp.apply_yaml(&injector_chart(&url_b, &ca, "Fail"), INJECTOR_NS)
                 .await;
         }
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": format!("pod-{i}"), "labels": {"lameduck.io/inject": "true"}},
-            "spec": {"containers": [{"name": "app", "image": "app:1"}]}
-        }))
-        .unwrap();
-        let stored = pods
-            .create(&PostParams::default(), &pod)
-            .await
-            .unwrap_or_else(|e| panic!("pod {i} refused during the injector's roll: {e}"));
-        assert!(
-            stored.spec.unwrap().init_containers.is_some(),
-            "pod {i} not injected"
-        );
+        create_injected(&pods, &format!("pod-{i}"), "during the injector's roll").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let status = a.injector.wait_exit(Duration::from_secs(30)).await;
