@@ -2,7 +2,6 @@
 //! it), real loopback handshakes with a rustls client.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,133 +13,32 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::metrics::{HandshakeFailure, Metrics, TlsListener};
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+// The suite's one test PKI (a CA per test and leaves it signs, by the
+// openssl CLI), shared with tests/tls.rs and the e2e suite.
+#[path = "../../tests/support/pki.rs"]
+mod pki;
+use pki::Pki;
+
+/// A leaf as the files a listener is given.
+fn files((cert, key): (PathBuf, PathBuf)) -> CertFiles {
+    CertFiles {
+        cert,
+        key,
+        cert_flag: "--tls-cert",
+        key_flag: "--tls-key",
+    }
 }
 
-/// A CA and leaves signed by it, in one temp dir.
-struct Pki {
-    dir: tempfile::TempDir,
+/// A server certificate for localhost and 127.0.0.1.
+fn server(pki: &Pki, name: &str) -> CertFiles {
+    files(pki.server(name))
 }
 
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        openssl(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=lameduck test CA",
-            ],
-        );
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `name.crt` and `name.key`, for `cn` with the given subjectAltName.
-    fn leaf(&self, name: &str, cn: &str, san: &str) -> CertFiles {
-        let ext = format!("{name}.ext");
-        std::fs::write(self.path(&ext), format!("subjectAltName={san}\n")).unwrap();
-        let (key, csr, crt) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-        );
-        openssl(
-            self.dir.path(),
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        openssl(
-            self.dir.path(),
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "1",
-                "-extfile",
-                &ext,
-            ],
-        );
-        CertFiles {
-            cert: self.path(&crt),
-            key: self.path(&key),
-            cert_flag: "--tls-cert",
-            key_flag: "--tls-key",
-        }
-    }
-
-    fn server(&self, name: &str) -> CertFiles {
-        self.leaf(name, name, "DNS:localhost,IP:127.0.0.1")
-    }
-
-    fn client_config(&self, client: Option<&CertFiles>) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in load_certificates(&self.path("ca.crt"), "ca").unwrap() {
-            roots.add(cert).unwrap();
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
-        let mut config = match client {
-            Some(files) => builder
-                .with_client_auth_cert(
-                    load_certificates(&files.cert, "c").unwrap(),
-                    load_private_key(&files.key, "k").unwrap(),
-                )
-                .unwrap(),
-            None => builder.with_no_client_auth(),
-        };
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Arc::new(config)
-    }
+/// A client trusting the PKI's CA, offering h2 and http/1.1, with `client`
+/// as its own certificate.
+fn client_config(pki: &Pki, client: Option<&CertFiles>) -> Arc<rustls::ClientConfig> {
+    let pair = client.map(|f| (f.cert.clone(), f.key.clone()));
+    pki.client_config(ALPN_HTTP, pair.as_ref())
 }
 
 fn metrics() -> crate::metrics::TlsMetrics {
@@ -154,7 +52,7 @@ fn der_of(cert: &ReloadableCert) -> Vec<u8> {
 #[test]
 fn loads_a_pair_and_reads_its_expiry() {
     let pki = Pki::new();
-    let files = pki.server("server");
+    let files = server(&pki, "server");
     let loaded = load_pair(&files, &provider()).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -176,8 +74,8 @@ fn loads_a_pair_and_reads_its_expiry() {
 #[test]
 fn a_key_of_another_certificate_is_refused_naming_both_flags() {
     let pki = Pki::new();
-    let mut files = pki.server("a");
-    files.key = pki.server("b").key;
+    let mut files = server(&pki, "a");
+    files.key = server(&pki, "b").key;
     let e = load_pair(&files, &provider()).unwrap_err();
     assert!(matches!(e, TlsError::KeyMismatch { .. }), "{e:?}");
     let message = e.to_string();
@@ -194,7 +92,7 @@ fn a_key_of_another_certificate_is_refused_naming_both_flags() {
 #[test]
 fn missing_and_garbage_files_name_the_flag_and_the_path() {
     let pki = Pki::new();
-    let mut files = pki.server("server");
+    let mut files = server(&pki, "server");
     files.cert = pki.path("absent.crt");
     let e = load_pair(&files, &provider()).unwrap_err();
     assert!(
@@ -215,7 +113,7 @@ fn missing_and_garbage_files_name_the_flag_and_the_path() {
     let e = load_pair(&files, &provider()).unwrap_err();
     assert!(matches!(e, TlsError::NoCertificate { .. }), "{e:?}");
 
-    files = pki.server("server");
+    files = server(&pki, "server");
     files.key = files.cert.clone();
     let e = load_pair(&files, &provider()).unwrap_err();
     assert!(
@@ -233,13 +131,13 @@ fn missing_and_garbage_files_name_the_flag_and_the_path() {
 #[test]
 fn a_broken_reload_keeps_the_previous_pair_and_a_good_one_replaces_it() {
     let pki = Pki::new();
-    let files = pki.server("live");
+    let files = server(&pki, "live");
     let tls = metrics();
     let cert = ReloadableCert::load(files.clone(), tls.clone()).unwrap();
     let before = der_of(&cert);
 
     // A mismatched pair, then a truncated certificate: both refused.
-    let other = pki.server("other");
+    let other = server(&pki, "other");
     std::fs::copy(&other.cert, &files.cert).unwrap();
     assert!(matches!(cert.reload(), Err(TlsError::KeyMismatch { .. })));
     std::fs::write(&files.cert, b"-----BEGIN CERTIFICATE-----\nMIIB").unwrap();
@@ -265,7 +163,7 @@ async fn serve_server_cert(
     client_ca: Option<&ClientCa>,
     timeout: Duration,
 ) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
-    let cert = ReloadableCert::load(pki.server("server"), tls.clone()).unwrap();
+    let cert = ReloadableCert::load(server(pki, "server"), tls.clone()).unwrap();
     let config = server_config(cert, ALPN_HTTP, client_ca).unwrap();
     serve(Handshaker::new(config, timeout, tls.clone()), 2).await
 }
@@ -326,7 +224,7 @@ async fn handshakes_negotiate_h2_and_resume_the_session() {
     let pki = Pki::new();
     let tls = metrics();
     let (addr, server) = serve_server_cert(&pki, &tls, None, Duration::from_secs(5)).await;
-    let client_config = pki.client_config(None);
+    let client_config = client_config(&pki, None);
     let (answer, resumed) = client(addr, client_config.clone()).await.unwrap();
     assert!(answer.starts_with("h2 "), "{answer}");
     assert!(!resumed);
@@ -380,13 +278,12 @@ async fn client_certificates_are_required_and_their_identity_is_exported() {
 
     // rustls clients finish their side before the server checks the
     // certificate (TLS 1.3), so the refusal shows on the first read.
-    assert!(client(addr, pki.client_config(None)).await.is_err());
-    let workload = pki.leaf(
-        "workload",
+    assert!(client(addr, client_config(&pki, None)).await.is_err());
+    let workload = files(pki.leaf(
         "workload",
         "URI:spiffe://cluster.local/ns/a/sa/b,DNS:b.a.svc",
-    );
-    let (answer, _) = client(addr, pki.client_config(Some(&workload)))
+    ));
+    let (answer, _) = client(addr, client_config(&pki, Some(&workload)))
         .await
         .unwrap();
     assert!(answer.starts_with("h2 Hash="), "{answer}");
@@ -420,7 +317,7 @@ fn secret_volume(dir: &Path, version: &str, from: &CertFiles) {
 async fn the_watcher_follows_a_secret_volume_swap_and_reloads_on_request() {
     let pki = Pki::new();
     let volume = tempfile::tempdir().unwrap();
-    secret_volume(volume.path(), "..v1", &pki.server("first"));
+    secret_volume(volume.path(), "..v1", &server(&pki, "first"));
     let files = CertFiles {
         cert: volume.path().join("tls.crt"),
         key: volume.path().join("tls.key"),
@@ -438,7 +335,7 @@ async fn the_watcher_follows_a_secret_volume_swap_and_reloads_on_request() {
         stop.clone(),
     ));
 
-    secret_volume(volume.path(), "..v2", &pki.server("second"));
+    secret_volume(volume.path(), "..v2", &server(&pki, "second"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while cert.current().subject != "CN=second" {
         assert!(
