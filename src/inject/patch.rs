@@ -32,17 +32,6 @@ pub const STATUS_ANNOTATION: &str = "lameduck.io/status";
 /// prometheus.io annotations) or changed (the grace period raised).
 pub const NOTES_ANNOTATION: &str = "lameduck.io/notes";
 
-/// Per-pod settings, read from annotations; each maps to a sidecar setting.
-pub const ANNOTATIONS: [(&str, &str); 7] = [
-    ("lameduck.io/upstream-port", "upstreamPort"),
-    ("lameduck.io/mode", "mode"),
-    ("lameduck.io/upstream-protocol", "upstreamProtocol"),
-    ("lameduck.io/drain-delay", "drainDelay"),
-    ("lameduck.io/drain-timeout", "drainTimeout"),
-    ("lameduck.io/native-sidecar", "nativeSidecar"),
-    ("lameduck.io/app-shutdown-seconds", "appShutdownSeconds"),
-];
-
 /// The decision on one pod.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Injection {
@@ -282,7 +271,9 @@ fn with_annotations(
             .map(str::trim)
     };
     let bad = |key: &str, value: &str, want: &str| format!("annotation {key}={value:?}: {want}");
-    match get(ANNOTATIONS[0].0) {
+    // Each annotation sets the sidecar setting of the same name
+    // (lameduck.io/drain-delay: drainDelay, ...).
+    match get("lameduck.io/upstream-port") {
         Some(port) => settings.upstream_port = resolve_port(port, containers)?,
         None => {
             if let Some(port) = only_declared_port(containers) {
@@ -290,30 +281,32 @@ fn with_annotations(
             }
         }
     }
-    for (key, _) in &ANNOTATIONS[1..] {
-        let Some(value) = get(key) else { continue };
-        match *key {
-            "lameduck.io/mode" => settings.mode = value.to_owned(),
-            "lameduck.io/upstream-protocol" => settings.upstream_protocol = value.to_owned(),
-            "lameduck.io/drain-delay" => settings.drain_delay = DurationSetting::Text(value.into()),
-            "lameduck.io/drain-timeout" => {
-                settings.drain_timeout = DurationSetting::Text(value.into())
-            }
-            "lameduck.io/native-sidecar" => {
-                settings.native_sidecar = match value {
-                    "true" => true,
-                    "false" => false,
-                    _ => return Err(bad(key, value, "must be true or false")),
-                }
-            }
-            "lameduck.io/app-shutdown-seconds" => {
-                settings.app_shutdown_seconds = value
-                    .parse::<u32>()
-                    .map_err(|_| bad(key, value, "must be a whole number of seconds"))?
-                    .into()
-            }
-            _ => unreachable!("every key of ANNOTATIONS is handled"),
-        }
+    if let Some(mode) = get("lameduck.io/mode") {
+        settings.mode = mode.to_owned();
+    }
+    if let Some(protocol) = get("lameduck.io/upstream-protocol") {
+        settings.upstream_protocol = protocol.to_owned();
+    }
+    if let Some(delay) = get("lameduck.io/drain-delay") {
+        settings.drain_delay = DurationSetting::Text(delay.into());
+    }
+    if let Some(timeout) = get("lameduck.io/drain-timeout") {
+        settings.drain_timeout = DurationSetting::Text(timeout.into());
+    }
+    let key = "lameduck.io/native-sidecar";
+    if let Some(value) = get(key) {
+        settings.native_sidecar = match value {
+            "true" => true,
+            "false" => false,
+            _ => return Err(bad(key, value, "must be true or false")),
+        };
+    }
+    let key = "lameduck.io/app-shutdown-seconds";
+    if let Some(value) = get(key) {
+        settings.app_shutdown_seconds = value
+            .parse::<u32>()
+            .map_err(|_| bad(key, value, "must be a whole number of seconds"))?
+            .into();
     }
     Ok(settings)
 }
