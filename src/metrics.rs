@@ -181,13 +181,18 @@ pub enum DeadlineSource {
     GracePeriod = 1,
     /// --drain-timeout from the drain start.
     DrainTimeout = 2,
+    /// The deletion's `deletionGracePeriodSeconds` from when the kubelet
+    /// began stopping the pod, minus the margin: later than the
+    /// deletionTimestamp when the kubelet was slow to act on the deletion.
+    DeletionGracePeriod = 3,
 }
 
 impl DeadlineSource {
-    const ALL: [DeadlineSource; 3] = [
+    const ALL: [DeadlineSource; 4] = [
         DeadlineSource::DeletionTimestamp,
         DeadlineSource::GracePeriod,
         DeadlineSource::DrainTimeout,
+        DeadlineSource::DeletionGracePeriod,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -195,6 +200,7 @@ impl DeadlineSource {
             DeadlineSource::DeletionTimestamp => "deletion_timestamp",
             DeadlineSource::GracePeriod => "grace_period",
             DeadlineSource::DrainTimeout => "drain_timeout",
+            DeadlineSource::DeletionGracePeriod => "deletion_grace_period",
         }
     }
 }
@@ -395,7 +401,7 @@ pub struct Metrics {
     kubernetes_errors: [Counter; 5],
     pub endpoints_serving: Gauge,
     window_end: [Gauge; 4],
-    drain_deadline: [Gauge<f64, AtomicU64>; 3],
+    drain_deadline: [Gauge<f64, AtomicU64>; 4],
     tls: TlsFamilies,
     pub access_log_dropped: Counter,
     /// exported, failed, dropped.

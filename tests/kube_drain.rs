@@ -371,6 +371,62 @@ async fn a_grace_period_shorter_than_the_spec_sets_the_deadline_and_what_is_left
     mirror.abort();
 }
 
+/// A kubelet busy with the pod starts stopping it seconds after the delete
+/// request, and counts the grace period from then: the deadline follows the
+/// kubelet's clock (`deletionGracePeriodSeconds` from the SIGTERM) rather
+/// than the earlier deletionTimestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_late_to_stop_the_pod_moves_the_deadline_to_its_own_clock() {
+    let mut s = Scenario::start(Setup::default()).await;
+    let mirror = s.mirror_readiness();
+    s.wait_serving_endpoint().await;
+    s.cp.delete_pod(NS, POD, 8).await;
+    let pod = s.cp.api::<Pod>(NS).get(POD).await.expect("pod terminating");
+    let deletion = SystemTime::from(
+        pod.metadata
+            .deletion_timestamp
+            .expect("deletionTimestamp")
+            .0,
+    );
+    assert_eq!(pod.metadata.deletion_grace_period_seconds, Some(8));
+    // The kubelet acts 3 s late.
+    tokio::time::sleep(secs(3)).await;
+    let signalled = SystemTime::now();
+    s.ld.signal(Signal::SIGTERM);
+    let deadline = wait_metric(
+        s.ld.admin_addr(),
+        "lameduck_drain_deadline_timestamp_seconds{source=\"deletion_grace_period\"}",
+        |v| v > 0.0,
+        secs(5),
+    )
+    .await;
+    // 8 s from the SIGTERM, less the hook allowance (0.5 s) and the 2 s margin;
+    // later than the deletionTimestamp's own deadline, still before the
+    // kubelet's SIGKILL (SIGTERM + 8 s).
+    let expected = unix(signalled) + 8.0 - 0.5 - 2.0;
+    assert!(
+        (deadline - expected).abs() < 0.5,
+        "deadline {deadline} vs {expected}"
+    );
+    assert!(
+        deadline > unix(deletion) - 2.0 + 1.0,
+        "{deadline} vs {deletion:?}"
+    );
+    assert_eq!(
+        deadline_metric(s.ld.admin_addr(), "deletion_timestamp").await,
+        0.0
+    );
+    let exit = s.ld.wait_exit(secs(15)).await;
+    assert_eq!(exit.code(), Some(0), "exit {exit:?}");
+    s.assert_deadline_source("deletion_grace_period");
+    let events = s.wait_events(&["DrainStarted", "DrainCompleted"]).await;
+    assert!(
+        note(&events, "DrainStarted").contains("(deletion_grace_period)"),
+        "{events:?}"
+    );
+    mirror.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_from_the_admin_port_the_deadline_comes_from_the_grace_period() {
     let s = Scenario::start(Setup {

@@ -120,6 +120,7 @@ mod tests {
             ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
             grace_period: None,
             deletion: None,
+            deletion_grace_period: None,
         }
     }
 

@@ -45,7 +45,12 @@ pub struct PodFacts {
     /// `metadata.deletionTimestamp`: set once the pod is being deleted, to the
     /// delete request's time plus the grace period, i.e. when the kubelet
     /// may kill the containers. None while the pod is not being deleted.
+    /// The API keeps it to the second, truncated.
     pub deletion: Option<SystemTime>,
+    /// `metadata.deletionGracePeriodSeconds`: the grace period of this
+    /// deletion, which the kubelet counts from when it begins stopping the
+    /// pod (not from the delete request).
+    pub deletion_grace_period: Option<Duration>,
 }
 
 impl PodFacts {
@@ -58,6 +63,7 @@ impl PodFacts {
             ips: Vec::new(),
             grace_period: None,
             deletion: None,
+            deletion_grace_period: None,
         }
     }
 
@@ -96,6 +102,11 @@ impl PodFacts {
                 .deletion_timestamp
                 .as_ref()
                 .map(|time| SystemTime::from(time.0)),
+            deletion_grace_period: pod
+                .metadata
+                .deletion_grace_period_seconds
+                .and_then(|seconds| u64::try_from(seconds).ok())
+                .map(Duration::from_secs),
         }
     }
 }
@@ -567,11 +578,13 @@ mod tests {
         let pod = Pod {
             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                 deletion_timestamp: Some(time),
+                deletion_grace_period_seconds: Some(5),
                 ..Default::default()
             },
             ..Default::default()
         };
         let facts = PodFacts::from_pod("web-0", "shop", &pod);
+        assert_eq!(facts.deletion_grace_period, Some(Duration::from_secs(5)));
         let deletion = facts.deletion.unwrap();
         assert_eq!(
             deletion.duration_since(UNIX_EPOCH).unwrap(),

@@ -726,6 +726,7 @@ impl<'a> Driver<'a> {
             margin: self.config.deadline_margin,
             grace_period: facts.and_then(|f| f.grace_period),
             deletion: facts.and_then(|f| f.deletion),
+            deletion_grace_period: facts.and_then(|f| f.deletion_grace_period),
         });
         self.lifecycle.set_deadline(at, source);
         let left = at.duration_since(SystemTime::now()).unwrap_or_default();
