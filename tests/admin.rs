@@ -388,6 +388,40 @@ async fn drained_returns_200_json_summary_once_drained() {
     assert_eq!(ld.wait_exit(secs(6)).await.code(), Some(0));
 }
 
+/// The kubelet's preStop `GET /drained` on a keep-alive connection: the
+/// answer closes it, so lameduck's exit (which waits for /drained clients to
+/// go, lest it kill a hook that has its answer) costs nothing after SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_answer_closes_the_hooks_connection_and_the_exit_does_not_wait() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_app, mut ld) =
+        app_behind_lameduck(&["--drain-delay", "500ms", "--metrics-linger", "20s"]).await;
+    let admin = ld.admin_addr();
+    let mut hook = tokio::net::TcpStream::connect(admin).await.unwrap();
+    hook.write_all(b"GET /drained?timeout=10s HTTP/1.1\r\nHost: pod\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(post(admin, "/drain").await.0, 202);
+    // Read to EOF: only the server's close ends this.
+    let mut answer = Vec::new();
+    tokio::time::timeout(secs(5), hook.read_to_end(&mut answer))
+        .await
+        .expect("the /drained connection stayed open after its answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    ld.wait_for_state_log("drained", secs(3)).await;
+    let t = Instant::now();
+    ld.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(ld.wait_exit(secs(5)).await.code(), Some(0));
+    assert!(
+        t.elapsed() < ms(700),
+        "exit took {:?} after SIGTERM",
+        t.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_linger_is_capped_by_the_drain_deadline() {
     let (_app, mut ld) = app_behind_lameduck(&[

@@ -326,7 +326,16 @@ async fn route(
             response
         }
         "/status" if read => json(StatusCode::OK, &Status::of(lifecycle)),
-        "/drained" if read => drained(state, req.uri().query()).await,
+        "/drained" if read => {
+            // The hook's connection closes with the answer: lameduck's exit
+            // waits for /drained clients to go (see `AdminServer::shutdown`),
+            // and a kubelet keeping it alive would cost that whole wait.
+            let mut response = drained(state, req.uri().query()).await;
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
         "/drain" if req.method() == Method::POST => {
             if !peer.ip().to_canonical().is_loopback() {
                 return text(
