@@ -256,16 +256,7 @@ umoci gc --layout "$L"
 
 # containerd names an imported image after io.containerd.image.name; the OCI
 # ref.name stays the bare tag.
-python3 - "$L/index.json" "docker.io/library/lameduck:$VERSION" <<'EOF'
-import json, sys
-path, name = sys.argv[1], sys.argv[2]
-with open(path) as f:
-    index = json.load(f)
-for m in index["manifests"]:
-    m.setdefault("annotations", {})["io.containerd.image.name"] = name
-with open(path, "w") as f:
-    json.dump(index, f, separators=(",", ":"))
-EOF
+python3 "$(dirname "$SELF")/oci-image-name.py" "$L/index.json" "docker.io/library/lameduck:$VERSION"
 chmod -R a+rX "$L"
 
 # Sizes: the compressed layer (what a pull transfers), the uncompressed layer

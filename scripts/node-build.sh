@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the node half of the lab cluster (tests/lab/): containerd with ctr and
 # containerd-shim-runc-v2, runc and crictl from the Go module proxy, and a
-# pause image built from scratch, once, into
+# pause image and the lab's hostile-pod image (tests/lab/flood.c) built
+# from scratch, once, into
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/lameduck-tools/node-<key>/
 # (key = the pinned versions). The CNI plugins and iptables come from Debian
 # (installed when missing). A later run finds the stamp and returns at once;
@@ -24,6 +25,8 @@ SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 TOOLS="${XDG_CACHE_HOME:-$HOME/.cache}/lameduck-tools"
 DEST="$TOOLS/node-$KEY"
 STAMP="$DEST/.stamp"
+FLOOD_SRC="$(cd "$(dirname "$0")/.." && pwd)/tests/lab/flood.c"
+FLOOD_KEY="$(sha256sum "$FLOOD_SRC" | cut -c1-12)"
 
 die() { printf 'node-build.sh: FAIL: %s\n' "$*" >&2; exit 1; }
 log() { printf 'node-build.sh: %s\n' "$*" >&2; }
@@ -51,7 +54,7 @@ if [[ "${#missing[@]}" -gt 0 ]]; then
     "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
 fi
 
-if [[ -f "$STAMP" ]]; then echo "$DEST"; exit 0; fi
+if [[ -f "$STAMP" && -f "$DEST/.ok-flood-$FLOOD_KEY" ]]; then echo "$DEST"; exit 0; fi
 
 command -v go >/dev/null 2>&1 || die "go is not installed (needed to build containerd, runc, crictl)"
 mkdir -p "$DEST"
@@ -60,7 +63,7 @@ if ! flock -n 9; then
   log "another node build is running; waiting for it"
   flock 9
 fi
-if [[ -f "$STAMP" ]]; then echo "$DEST"; exit 0; fi
+if [[ -f "$STAMP" && -f "$DEST/.ok-flood-$FLOOD_KEY" ]]; then echo "$DEST"; exit 0; fi
 
 WORK="$(mktemp -d)"
 trap 'chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
@@ -120,6 +123,25 @@ v="$("$DEST/runc" --version)"
 v="$("$DEST/crictl" --version)"
 [[ "$v" == *"$CRICTL_VERSION"* ]] || die "crictl --version is '$v', not $CRICTL_VERSION"
 
+# c_image NAME REF USER SRC: the static binary gcc builds from the one C file
+# SRC, alone in an OCI image archive $DEST/NAME.tar that containerd imports as
+# REF (that name also in $DEST/NAME.name), entrypoint /NAME, run as USER.
+c_image() {
+  local name="$1" ref="$2" user="$3" src="$4" tag="${2##*:}"
+  local L="$WORK/oci-$1" bundle="$WORK/bundle-$1"
+  gcc -static -Os -s -Wall -o "$WORK/$name" "$src" || die "gcc -static $src"
+  umoci init --layout "$L"
+  umoci new --image "$L:$tag"
+  umoci unpack --image "$L:$tag" "$bundle" >/dev/null
+  install -m 0755 "$WORK/$name" "$bundle/rootfs/$name"
+  umoci repack --image "$L:$tag" --history.created_by "scripts/node-build.sh: /$name (gcc -static)" "$bundle"
+  umoci config --image "$L:$tag" --config.entrypoint "/$name" --config.user "$user"
+  umoci gc --layout "$L"
+  python3 "$(dirname "$SELF")/oci-image-name.py" "$L/index.json" "$ref"
+  (cd "$L" && tar -cf "$DEST/$name.tar" oci-layout index.json blobs) || die "tar $name image"
+  echo "$ref" >"$DEST/$name.name"
+}
+
 # The pause image: a static binary that waits for a signal and reaps the
 # zombies of the pod's shared PID namespace (what Kubernetes' pause.c does).
 if [[ ! -f "$DEST/.ok-pause" ]]; then
@@ -138,28 +160,14 @@ int main(void) {
   for (;;) pause();
 }
 EOF
-  gcc -static -Os -s -o "$WORK/pause" "$WORK/pause.c" || die "gcc -static pause.c"
-  L="$WORK/oci"
-  umoci init --layout "$L"
-  umoci new --image "$L:$PAUSE_VERSION"
-  umoci unpack --image "$L:$PAUSE_VERSION" "$WORK/bundle" >/dev/null
-  install -m 0755 "$WORK/pause" "$WORK/bundle/rootfs/pause"
-  umoci repack --image "$L:$PAUSE_VERSION" --history.created_by "scripts/node-build.sh: /pause (gcc -static)" "$WORK/bundle"
-  umoci config --image "$L:$PAUSE_VERSION" --config.entrypoint /pause --config.user 65535:65535
-  umoci gc --layout "$L"
-  python3 - "$L/index.json" "registry.k8s.io/pause:$PAUSE_VERSION" <<'EOF'
-import json, sys
-path, name = sys.argv[1], sys.argv[2]
-with open(path) as f:
-    index = json.load(f)
-for m in index["manifests"]:
-    m.setdefault("annotations", {})["io.containerd.image.name"] = name
-with open(path, "w") as f:
-    json.dump(index, f, separators=(",", ":"))
-EOF
-  (cd "$L" && tar -cf "$DEST/pause.tar" oci-layout index.json blobs) || die "tar pause image"
-  echo "registry.k8s.io/pause:$PAUSE_VERSION" >"$DEST/pause.name"
+  c_image pause "registry.k8s.io/pause:$PAUSE_VERSION" 65535:65535 "$WORK/pause.c"
   : >"$DEST/.ok-pause"
+fi
+
+# The lab's hostile pod (tests/lab/flood.c), rebuilt when its source changes.
+if [[ ! -f "$DEST/.ok-flood-$FLOOD_KEY" ]]; then
+  c_image flood "lameduck.test/flood:$FLOOD_KEY" 65534:65534 "$FLOOD_SRC"
+  : >"$DEST/.ok-flood-$FLOOD_KEY"
 fi
 
 sha256sum "$SELF" | cut -d' ' -f1 >"$DEST/.script"

@@ -418,6 +418,14 @@ impl Lab {
     }
 
     /// `ip <args>` in the lab's netns; panics on failure.
+    /// The image of the lab's hostile pod (`tests/lab/flood.c`, built by
+    /// `scripts/node-build.sh`).
+    pub fn flood_image(&self) -> String {
+        let name = fs::read_to_string(self.node_bins.join("flood.name"))
+            .unwrap_or_else(|e| panic!("flood.name from node-build.sh: {e}"));
+        name.trim().to_owned()
+    }
+
     pub fn ip(&self, args: &[&str]) {
         sh(Command::new("ip").args(args)).unwrap_or_else(|e| panic!("{e}"));
     }
@@ -746,7 +754,8 @@ state = "{c}/state"
     }
 
     fn import(&self, image: &Path) -> Result<(), String> {
-        for tar in [self.node_bins.join("pause.tar"), image.to_path_buf()] {
+        let node_images = ["pause.tar", "flood.tar"].map(|tar| self.node_bins.join(tar));
+        for tar in node_images.iter().chain([&image.to_path_buf()]) {
             self.ctr(&["images", "import", &tar.display().to_string()])?;
         }
         Ok(())

@@ -194,6 +194,57 @@ pub async fn live_pods(lab: &Lab, selector: &str) -> Vec<String> {
         .collect()
 }
 
+/// `replicas` hostile pods (`tests/lab/flood.c`, Deployment `hostile`), each
+/// holding as many `GET /drained?timeout=10m` waiters as it can get, up to
+/// `per_target`, on the admin port of every address in `targets`.
+pub fn hostile_pods(image: &str, replicas: u32, per_target: u32, targets: &[String]) -> String {
+    let args: Vec<String> = ["9901".to_owned(), per_target.to_string()]
+        .into_iter()
+        .chain(targets.iter().cloned())
+        .map(|a| format!("{a:?}"))
+        .collect();
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: hostile
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: hostile}}
+  template:
+    metadata:
+      labels: {{app: hostile}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      automountServiceAccountToken: false
+      securityContext: {{runAsNonRoot: true, runAsUser: 65534}}
+      containers:
+        - name: flood
+          image: {image}
+          imagePullPolicy: Never
+          args: [{args}]
+"#,
+        args = args.join(", ")
+    )
+}
+
+/// What each hostile pod last said it holds on `target`, summed:
+/// (held, closed by the target).
+pub async fn hostile_holdings(lab: &Lab, target: &str) -> (u64, u64) {
+    let (mut held, mut closed) = (0, 0);
+    for pod in live_pods(lab, "app=hostile").await {
+        let log = kubectl(lab, &["logs", &format!("pod/{pod}")]).await;
+        let prefix = format!("flood {target} held=");
+        if let Some(last) = log.lines().rev().find_map(|l| l.strip_prefix(&prefix)) {
+            let (h, c) = last.split_once(" closed=").unwrap_or((last, "0"));
+            held += h.parse::<u64>().unwrap_or(0);
+            closed += c.parse::<u64>().unwrap_or(0);
+        }
+    }
+    (held, closed)
+}
+
 /// The Service's ClusterIP:port.
 pub async fn cluster_ip(lab: &Lab, service: &str) -> SocketAddr {
     let api: Api<Service> = Api::namespaced(lab.cp().client(), NAMESPACE);
