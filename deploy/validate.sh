@@ -113,6 +113,10 @@ grep -q 'terminationGracePeriodSeconds: 105$' "$WORK/tuned.yaml" || die "grace p
 grep -q -- '--max-connections=1000000$' "$WORK/tuned.yaml" || die "--max-connections mangled"
 grep -q 'path: /drained?timeout=91s$' "$WORK/tuned.yaml" || die "app preStop timeout not drainTimeout + 1s"
 grep -q -- '--deadline-margin=1s$' "$WORK/tuned.yaml" || die "native sidecar: --deadline-margin not 1s whatever appShutdownSeconds"
+if grep -q 'startupProbe:' "$WORK/native.yaml"; then die "the default render has a startup probe (it delays the app's start)"; fi
+render held native --kube-version "$KUBE_VERSION" --set lameduck.startupProbe.periodSeconds=1 \
+  --set lameduck.startupProbe.failureThreshold=30
+grep -A6 'startupProbe:' "$WORK/held.yaml" | grep -q 'path: /live$' || die "lameduck.startupProbe timings rendered no startup probe on /live"
 render explicit-grace regular --kube-version "$KUBE_VERSION" --set nativeSidecar=false --set terminationGracePeriodSeconds=45
 grep -q 'terminationGracePeriodSeconds: 45$' "$WORK/explicit-grace.yaml" || die "explicit grace period not used"
 render regular-tuned regular --kube-version "$KUBE_VERSION" --set nativeSidecar=false --set appShutdownSeconds=12 \

@@ -182,8 +182,9 @@ mod defaults {
         }
     }
 
+    /// None by default (see the chart's values.yaml).
     pub fn startup_probe() -> Map<String, Value> {
-        object(json!({"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 30}))
+        Map::new()
     }
     pub fn readiness_probe() -> Map<String, Value> {
         object(json!({
@@ -428,13 +429,15 @@ impl Sidecar {
                 {"name": "http", "containerPort": s.listen_port, "protocol": "TCP"},
                 {"name": "admin", "containerPort": s.admin_port, "protocol": "TCP"},
             ],
-            "startupProbe": probe("/live", &s.startup_probe),
             "readinessProbe": probe("/ready", &s.readiness_probe),
             "livenessProbe": probe("/live", &s.liveness_probe),
         });
         let fields = container
             .as_object_mut()
             .expect("a JSON object literal is an object");
+        if !s.startup_probe.is_empty() {
+            fields.insert("startupProbe".to_owned(), probe("/live", &s.startup_probe));
+        }
         if s.native_sidecar {
             // Started before the app containers, sent SIGTERM only after they
             // have all exited; so its own preStop hook starts the drain.
@@ -522,6 +525,20 @@ mod tests {
         assert_eq!(s.readiness_probe["periodSeconds"], 3);
         assert_eq!(s.readiness_probe["failureThreshold"], 1);
         assert_eq!(s.readiness_probe["successThreshold"], 1);
+    }
+
+    #[test]
+    fn a_startup_probe_only_when_given_timings() {
+        let image = json!({"repository": "lameduck", "tag": "0.1.0"});
+        let plain = settings(json!({"image": image})).validate().unwrap();
+        assert!(plain.container().get("startupProbe").is_none());
+        let held = settings(json!({"image": image, "startupProbe": {"periodSeconds": 1}}))
+            .validate()
+            .unwrap();
+        assert_eq!(
+            held.container()["startupProbe"],
+            json!({"periodSeconds": 1, "httpGet": {"path": "/live", "port": "admin"}})
+        );
     }
 
     #[test]

@@ -154,10 +154,7 @@ securityContext:
     drop: ["ALL"]
   seccompProfile:
     type: RuntimeDefault
-startupProbe:
-  periodSeconds: 1
-  timeoutSeconds: 1
-  failureThreshold: 30
+startupProbe: {}
 readinessProbe:
   periodSeconds: 1
   timeoutSeconds: 1
@@ -347,11 +344,13 @@ Put it under `initContainers:` when nativeSidecar is true (it carries
           - --wait
           - --timeout={{ $c.hookTimeout }}
   {{- end }}
+  {{- with $c.startupProbe }}
   startupProbe:
     httpGet:
       path: /live
       port: admin
-    {{- toYaml $c.startupProbe | nindent 4 }}
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   readinessProbe:
     httpGet:
       path: /ready
