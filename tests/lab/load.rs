@@ -59,12 +59,15 @@ pub struct Tally {
     pub status_5xx: AtomicU64,
     /// Anything else (printed to stderr, first few only).
     pub other: AtomicU64,
-    /// Re-sent, not failed: hyper's HTTP/2 client reported the request
-    /// `Canceled`, queued on a connection that closed (after the server's
-    /// GOAWAY) before the request was written. The load generator sends it
-    /// again once on a new connection, as hyper-util's pooled Client and
-    /// other HTTP/2 clients do by themselves; a re-send that fails is
-    /// counted as a failure of its kind.
+    /// Re-sent, not failed: an HTTP/2 request the server never processed.
+    /// Either hyper reported it `Canceled` (queued on a connection that
+    /// closed after the server's GOAWAY, before it was written), or h2 failed
+    /// it with the server's graceful GOAWAY (NO_ERROR): its stream was above
+    /// the GOAWAY's last stream id, or opened after it, which RFC 9113 §6.8
+    /// says the server did not process and a client may retry. The load
+    /// generator sends it again once on a new connection, as hyper-util's
+    /// pooled Client, Go's and gRPC's HTTP/2 clients do by themselves; a
+    /// re-send that fails is counted as a failure of its kind.
     pub unsent: AtomicU64,
 }
 
@@ -415,7 +418,7 @@ async fn http2_client(addr: SocketAddr, tally: &Tally, go: impl Fn() -> bool) {
                 sender = Some(s);
                 resend = false;
             }
-            Ok(Err(e)) if e.is_canceled() && !resend => {
+            Ok(Err(e)) if never_processed(&e) && !resend => {
                 tally.unsent.fetch_add(1, Ordering::Relaxed);
                 resend = true;
             }
@@ -432,8 +435,23 @@ async fn http2_client(addr: SocketAddr, tally: &Tally, go: impl Fn() -> bool) {
     }
 }
 
-fn h2_fail(e: &hyper::Error) -> Fail {
+/// The server did not process the request: see `Tally::unsent`.
+fn never_processed(e: &hyper::Error) -> bool {
     if e.is_canceled() {
+        return true;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        src = s.source();
+    }
+    false
+}
+
+fn h2_fail(e: &hyper::Error) -> Fail {
+    if never_processed(e) {
         return Fail::Unsent;
     }
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
