@@ -170,6 +170,13 @@ impl RequestGuard {
         self.record = Some(record);
     }
 
+    /// Takes the record out, with when the request started, for what
+    /// outlives the request: an upgraded tunnel logs when it ends, not at
+    /// its 101. The request itself still ends (and is counted) here.
+    pub fn take_record(&mut self) -> Option<(Record, Instant)> {
+        self.record.take().map(|record| (record, self.started))
+    }
+
     /// The access-log entry, when the request is observed.
     #[inline]
     pub fn entry(&mut self) -> Option<&mut Entry> {
