@@ -622,3 +622,99 @@ async fn a_websocket_reset_by_the_client_or_cut_at_the_deadline_is_logged_as_suc
     assert!(f(&line, "duration_ms") >= 1500.0, "{line}");
     drop(cut);
 }
+
+// === streamed request bodies on hyper's path ===
+
+/// POST `path` over HTTP/2 with a body of unknown size (no content-length,
+/// DATA frames sent with pauses between them, END_STREAM on the last one):
+/// (status, response body).
+async fn h2_streamed_upload(
+    c: &mut H2,
+    addr: SocketAddr,
+    path: &str,
+    id: &str,
+    parts: &[&[u8]],
+) -> (u16, Vec<u8>) {
+    let mut ready = c.send.clone().ready().await.unwrap();
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("x-request-id", id)
+        .body(())
+        .unwrap();
+    let (response, mut upload) = ready.send_request(req, false).unwrap();
+    c.send = ready;
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        upload
+            .send_data(Bytes::copy_from_slice(part), last)
+            .unwrap();
+        if !last {
+            tokio::time::sleep(ms(50)).await;
+        }
+    }
+    let response = tokio::time::timeout(secs(5), response)
+        .await
+        .expect("response in time")
+        .unwrap();
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    (status, got)
+}
+
+const UPLOAD: [&[u8]; 3] = [b"first part, ", &[b'x'; 2000], b", the end"];
+
+fn assert_streamed_upload_logged(line: &Value) {
+    let sent: u64 = UPLOAD.iter().map(|p| p.len() as u64).sum();
+    assert_well_formed(line);
+    assert_eq!(s(line, "protocol"), Some("HTTP/2"));
+    assert_eq!(s(line, "method"), Some("POST"));
+    assert_eq!(n(line, "status"), Some(200));
+    assert_eq!(n(line, "request_bytes"), Some(sent), "{line}");
+    assert_eq!(n(line, "response_bytes"), Some(sent), "echoed: {line}");
+    assert_eq!(s(line, "outcome"), Some("ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_http2_upload_to_an_http1_app_is_counted() {
+    let (_app, ld) = app_behind_lameduck(&["--access-log", "json"]).await;
+    let proxy = ld.proxy_addr();
+    let mut c = h2_connect(proxy).await;
+    let (status, echoed) = h2_streamed_upload(&mut c, proxy, "/echo", "h2-up", &UPLOAD).await;
+    assert_eq!(status, 200);
+    assert_eq!(echoed, UPLOAD.concat());
+    assert_streamed_upload_logged(&line_for(&ld, "h2-up").await);
+    // A bodiless stream on the same connection stays at 0.
+    let resp = c.start(proxy, "/", "h2-get").await.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk.unwrap();
+    }
+    assert_eq!(n(&line_for(&ld, "h2-get").await, "request_bytes"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_http2_upload_to_an_http2_app_is_counted() {
+    let app = H2App::start().await;
+    let up = app.addr.to_string();
+    let ld = Lameduck::spawn(&[
+        "--upstream",
+        &up,
+        "--upstream-protocol",
+        "http2",
+        "--access-log",
+        "json",
+    ]);
+    wait_ready(ld.admin_addr(), secs(10)).await;
+    let proxy = ld.proxy_addr();
+    let mut c = h2_connect(proxy).await;
+    let (status, echoed) = h2_streamed_upload(&mut c, proxy, "/upload", "h2-h2-up", &UPLOAD).await;
+    assert_eq!(status, 200);
+    assert_eq!(echoed, UPLOAD.concat());
+    assert_streamed_upload_logged(&line_for(&ld, "h2-h2-up").await);
+}

@@ -90,8 +90,8 @@ pub struct Entry {
     pub protocol: &'static str,
     /// 0 in TCP mode.
     pub status: u16,
-    /// Body bytes from the client; `None` where unknown (a streamed body on
-    /// hyper's path).
+    /// Body bytes from the client, counted as they are read; `None` while
+    /// nothing of a non-empty body was read (hyper's path).
     pub request_bytes: Option<u64>,
     pub response_bytes: u64,
     pub duration: Duration,

@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::Instrument;
 
-use super::body::ProxyBody;
+use super::body::{ProxyBody, RequestBody};
 use super::guard::{ConnActivity, GaugeGuard, RequestGuard, TimerVerdict};
 use super::h1;
 use super::h1::client::SendError;
@@ -320,8 +320,9 @@ impl ConnShared {
             entry.method = req.method().as_str().to_owned();
             let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
             entry.set_target(target, observer.with_query());
-            // A streamed body's size is not known here.
-            entry.request_bytes = hyper::body::Body::size_hint(req.body()).exact();
+            // Counted as it is read (Content-Length or not); unknown until
+            // then, unless there is no body at all.
+            entry.request_bytes = hyper::body::Body::is_end_stream(req.body()).then_some(0);
             if req.version() < http::Version::HTTP_11 {
                 entry.protocol = "HTTP/1.0";
             }
@@ -392,6 +393,13 @@ impl ConnShared {
             let limit = ctx.config.upstream_timeout;
             let mut request = request;
             if upstream.is_http2() || client_upgrade.is_some() {
+                // A bodiless request (every upgrade, most h2 ones) costs no counter.
+                let counted = if hyper::body::Body::is_end_stream(req.body()) {
+                    None
+                } else {
+                    request.count_streamed_body()
+                };
+                let req = req.map(|body| RequestBody::new(body, counted));
                 let sent = if upstream.is_http2() {
                     timeout(limit, upstream.send_http2(req)).await
                 } else {
