@@ -314,12 +314,16 @@ impl ConnShared {
             } else {
                 "HTTP/1.1"
             };
-            let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
-            let mut entry = Entry::new(id, protocol, request.phase());
-            entry.trace = Some(trace);
-            entry.method = req.method().as_str().to_owned();
             let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            entry.set_target(target, observer.with_query());
+            let mut entry = Entry::for_request(
+                request_id.as_bytes(),
+                req.method().as_str(),
+                target,
+                observer.with_query(),
+                protocol,
+                request.phase(),
+            );
+            entry.trace = Some(trace);
             // Counted as it is read (Content-Length or not); unknown until
             // then, unless there is no body at all.
             entry.request_bytes = hyper::body::Body::is_end_stream(req.body()).then_some(0);
