@@ -146,7 +146,7 @@ pub struct ProxyArgs {
 
     /// CA certificates (PEM) that sign client certificates: with it, every
     /// client must present a valid one (mTLS); the app gets its identity in
-    /// `x-forwarded-client-cert`. Read at start-up.
+    /// `x-forwarded-client-cert`. Re-read when the file changes and on SIGHUP.
     #[arg(long, env = "LAMEDUCK_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
 

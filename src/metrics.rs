@@ -327,7 +327,7 @@ impl TlsFamilies {
         );
         registry.register(
             "tls_reloads",
-            "TLS certificate loads after start-up (file change or SIGHUP), by result",
+            "TLS certificate and client CA loads after start-up (file change or SIGHUP), by result",
             families.reloads.clone(),
         );
         registry.register(

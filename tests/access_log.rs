@@ -415,3 +415,306 @@ async fn with_the_access_log_off_nothing_is_logged() {
         0.0
     );
 }
+
+// === upgraded (WebSocket) tunnels ===
+
+/// Bytes a client wrote and read on its connection.
+#[derive(Default)]
+struct ByteCounts {
+    written: std::sync::atomic::AtomicU64,
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl ByteCounts {
+    fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.written.load(Relaxed), self.read.load(Relaxed))
+    }
+}
+
+/// The client's TCP connection, counting what goes through it: after the
+/// handshake, exactly the bytes the tunnel carries (frames and all).
+struct CountingStream {
+    tcp: TcpStream,
+    counts: std::sync::Arc<ByteCounts>,
+}
+
+impl tokio::io::AsyncRead for CountingStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.counts
+            .read
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for CountingStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            self.counts
+                .written
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+type CountedWs = tokio_tungstenite::WebSocketStream<CountingStream>;
+
+/// A WebSocket through the proxy with this `x-request-id`; the counts
+/// start at zero once the 101 has been read.
+async fn ws_connect(proxy: SocketAddr, id: &str) -> (CountedWs, std::sync::Arc<ByteCounts>) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let counts = std::sync::Arc::new(ByteCounts::default());
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let stream = CountingStream {
+        tcp,
+        counts: counts.clone(),
+    };
+    let mut request = format!("ws://{proxy}/ws").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("x-request-id", id.parse().unwrap());
+    let (ws, response) =
+        tokio::time::timeout(secs(5), tokio_tungstenite::client_async(request, stream))
+            .await
+            .expect("WebSocket handshake in time")
+            .expect("WebSocket handshake through the proxy");
+    assert_eq!(response.status().as_u16(), 101);
+    // The app speaks only when spoken to: what was read so far is the 101.
+    counts
+        .written
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    counts.read.store(0, std::sync::atomic::Ordering::Relaxed);
+    (ws, counts)
+}
+
+async fn ws_echo(ws: &mut CountedWs, text: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::Text(text.to_owned())).await.unwrap();
+    let echoed = tokio::time::timeout(secs(3), ws.next())
+        .await
+        .expect("echo in time");
+    match echoed {
+        Some(Ok(Message::Text(got))) => assert_eq!(got, text),
+        other => panic!("no echo of {text:?}: {other:?}"),
+    }
+}
+
+async fn ws_behind_lameduck(extra: &[&str]) -> (WsEcho, Lameduck) {
+    let app = WsEcho::start().await;
+    let up = app.addr.to_string();
+    let mut args = vec!["--upstream", up.as_str(), "--access-log", "json"];
+    args.extend_from_slice(extra);
+    let ld = Lameduck::spawn(&args);
+    wait_ready(ld.admin_addr(), secs(10)).await;
+    (app, ld)
+}
+
+fn lines_with_id(ld: &Lameduck, id: &str) -> Vec<Value> {
+    access_lines(ld)
+        .into_iter()
+        .filter(|v| field_str(v, "request_id") == Some(id))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_tunnel_is_logged_once_when_it_ends_with_its_bytes_and_duration() {
+    use futures_util::StreamExt;
+    let (_app, ld) = ws_behind_lameduck(&[]).await;
+    let opened = std::time::Instant::now();
+    let (mut ws, counts) = ws_connect(ld.proxy_addr(), "ws-ok").await;
+    ws_echo(&mut ws, "hello").await;
+    ws_echo(&mut ws, &"x".repeat(300)).await;
+    tokio::time::sleep(ms(400)).await;
+    assert!(
+        lines_with_id(&ld, "ws-ok").is_empty(),
+        "logged before the tunnel ended: {:?}",
+        lines_with_id(&ld, "ws-ok")
+    );
+
+    // A clean close: the close handshake, then the app's FIN and ours.
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    drop(ws);
+    let (written, read) = counts.get();
+    let line = line_for(&ld, "ws-ok").await;
+    let lifetime_ms = opened.elapsed().as_secs_f64() * 1e3;
+
+    assert_well_formed(&line);
+    assert_eq!(s(&line, "method"), Some("GET"));
+    assert_eq!(s(&line, "path"), Some("/ws"));
+    assert_eq!(s(&line, "protocol"), Some("HTTP/1.1"));
+    assert_eq!(n(&line, "status"), Some(101));
+    assert_eq!(n(&line, "request_bytes"), Some(written), "{line}");
+    assert_eq!(n(&line, "response_bytes"), Some(read), "{line}");
+    // Two echoes of 5 and 300 bytes plus the close frames, framed (RFC 6455).
+    assert!(written > 305 && read > 305, "{written} {read}");
+    let duration = f(&line, "duration_ms");
+    assert!(
+        (400.0..=lifetime_ms).contains(&duration),
+        "duration {duration} ms, the tunnel lived 400..{lifetime_ms} ms"
+    );
+    let head = f(&line, "upstream_head_ms");
+    assert!(head > 0.0 && head < duration, "{line}");
+    assert_eq!(s(&line, "outcome"), Some("ok"));
+    assert_eq!(s(&line, "phase"), Some("accepting"));
+    tokio::time::sleep(ms(200)).await;
+    assert_eq!(lines_with_id(&ld, "ws-ok").len(), 1, "one line per tunnel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_reset_by_the_client_or_cut_at_the_deadline_is_logged_as_such() {
+    let (_app, mut ld) =
+        ws_behind_lameduck(&["--drain-delay", "100ms", "--drain-timeout", "1500ms"]).await;
+    let (mut reset, reset_counts) = ws_connect(ld.proxy_addr(), "ws-reset").await;
+    let (mut cut, cut_counts) = ws_connect(ld.proxy_addr(), "ws-forced").await;
+    ws_echo(&mut reset, "going away").await;
+    ws_echo(&mut cut, "staying").await;
+
+    // SO_LINGER 0: the close is a reset, as from a client that crashed.
+    reset.get_ref().tcp.set_zero_linger().unwrap();
+    let (written, read) = reset_counts.get();
+    drop(reset);
+    let line = line_for(&ld, "ws-reset").await;
+    assert_eq!(n(&line, "status"), Some(101));
+    assert_eq!(n(&line, "request_bytes"), Some(written), "{line}");
+    assert_eq!(n(&line, "response_bytes"), Some(read), "{line}");
+    assert_eq!(s(&line, "outcome"), Some("client_aborted"), "{line}");
+
+    ld.signal(Signal::SIGTERM);
+    assert_eq!(ld.wait_exit(secs(10)).await.code(), Some(3));
+    let (written, read) = cut_counts.get();
+    let line = line_for(&ld, "ws-forced").await;
+    assert_eq!(n(&line, "status"), Some(101));
+    assert_eq!(n(&line, "request_bytes"), Some(written), "{line}");
+    assert_eq!(n(&line, "response_bytes"), Some(read), "{line}");
+    assert_eq!(s(&line, "outcome"), Some("forced"), "{line}");
+    // Opened before the drain, cut at its deadline 1.5 s into it.
+    assert_eq!(s(&line, "phase"), Some("accepting"));
+    assert!(f(&line, "duration_ms") >= 1500.0, "{line}");
+    drop(cut);
+}
+
+// === streamed request bodies on hyper's path ===
+
+/// POST `path` over HTTP/2 with a body of unknown size (no content-length,
+/// DATA frames sent with pauses between them, END_STREAM on the last one):
+/// (status, response body).
+async fn h2_streamed_upload(
+    c: &mut H2,
+    addr: SocketAddr,
+    path: &str,
+    id: &str,
+    parts: &[&[u8]],
+) -> (u16, Vec<u8>) {
+    let mut ready = c.send.clone().ready().await.unwrap();
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("x-request-id", id)
+        .body(())
+        .unwrap();
+    let (response, mut upload) = ready.send_request(req, false).unwrap();
+    c.send = ready;
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        upload
+            .send_data(Bytes::copy_from_slice(part), last)
+            .unwrap();
+        if !last {
+            tokio::time::sleep(ms(50)).await;
+        }
+    }
+    let response = tokio::time::timeout(secs(5), response)
+        .await
+        .expect("response in time")
+        .unwrap();
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    (status, got)
+}
+
+const UPLOAD: [&[u8]; 3] = [b"first part, ", &[b'x'; 2000], b", the end"];
+
+fn assert_streamed_upload_logged(line: &Value) {
+    let sent: u64 = UPLOAD.iter().map(|p| p.len() as u64).sum();
+    assert_well_formed(line);
+    assert_eq!(s(line, "protocol"), Some("HTTP/2"));
+    assert_eq!(s(line, "method"), Some("POST"));
+    assert_eq!(n(line, "status"), Some(200));
+    assert_eq!(n(line, "request_bytes"), Some(sent), "{line}");
+    assert_eq!(n(line, "response_bytes"), Some(sent), "echoed: {line}");
+    assert_eq!(s(line, "outcome"), Some("ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_http2_upload_to_an_http1_app_is_counted() {
+    let (_app, ld) = app_behind_lameduck(&["--access-log", "json"]).await;
+    let proxy = ld.proxy_addr();
+    let mut c = h2_connect(proxy).await;
+    let (status, echoed) = h2_streamed_upload(&mut c, proxy, "/echo", "h2-up", &UPLOAD).await;
+    assert_eq!(status, 200);
+    assert_eq!(echoed, UPLOAD.concat());
+    assert_streamed_upload_logged(&line_for(&ld, "h2-up").await);
+    // A bodiless stream on the same connection stays at 0.
+    let resp = c.start(proxy, "/", "h2-get").await.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk.unwrap();
+    }
+    assert_eq!(n(&line_for(&ld, "h2-get").await, "request_bytes"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_http2_upload_to_an_http2_app_is_counted() {
+    let app = H2App::start().await;
+    let up = app.addr.to_string();
+    let ld = Lameduck::spawn(&[
+        "--upstream",
+        &up,
+        "--upstream-protocol",
+        "http2",
+        "--access-log",
+        "json",
+    ]);
+    wait_ready(ld.admin_addr(), secs(10)).await;
+    let proxy = ld.proxy_addr();
+    let mut c = h2_connect(proxy).await;
+    let (status, echoed) = h2_streamed_upload(&mut c, proxy, "/upload", "h2-h2-up", &UPLOAD).await;
+    assert_eq!(status, 200);
+    assert_eq!(echoed, UPLOAD.concat());
+    assert_streamed_upload_logged(&line_for(&ld, "h2-h2-up").await);
+}

@@ -554,6 +554,150 @@ async fn rotation_under_load_fails_nothing_and_a_broken_pair_is_refused() {
     );
 }
 
+/// Writes a CA bundle the way kubelet updates a Secret volume (see
+/// `secret_volume`): `ca.crt` reached through `..data`.
+fn ca_volume(dir: &Path, version: &str, bundle: &[u8]) {
+    let target = dir.join(version);
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("ca.crt"), bundle).unwrap();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(version, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    let link = dir.join("ca.crt");
+    if link.symlink_metadata().is_err() {
+        std::os::unix::fs::symlink("..data/ca.crt", link).unwrap();
+    }
+}
+
+/// One GET / over a new TLS connection with `config`: the status, or the
+/// error a refused client certificate shows as (with TLS 1.3 the client
+/// learns of the refusal at its first read, as an alert or a close).
+async fn get_over_tls(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> std::io::Result<u16> {
+    let mut tls = tls_connect(addr, config).await?;
+    send_get(&mut tls, "/", true).await;
+    let (head, _) = read_response(&mut tls).await?;
+    Ok(status_of(&head))
+}
+
+#[tokio::test]
+async fn a_client_ca_bundle_swapped_in_the_volume_is_used_without_restart_and_a_broken_one_refused()
+{
+    let pki = Pki::new();
+    let second_ca = Pki::new();
+    let volume = tempfile::tempdir().unwrap();
+    ca_volume(
+        volume.path(),
+        "..v1",
+        &std::fs::read(pki.path("ca.crt")).unwrap(),
+    );
+    let bundle = path_str(&volume.path().join("ca.crt"));
+    let (_app, ld) = start(&pki, &pki.server("server"), &["--tls-client-ca", &bundle]).await;
+    let addr = ld.proxy_addr();
+    // Both clients trust the server's CA; each presents a certificate of
+    // its own CA. One config each for the whole test, so a session ticket
+    // it got is offered again.
+    let first_client = pki.client_config(&[b"http/1.1"], Some(&pki.leaf("one", "DNS:one")));
+    let second_client = pki.client_config(
+        &[b"http/1.1"],
+        Some(&second_ca.leaf("two", "URI:spiffe://cluster.local/ns/a/sa/two")),
+    );
+    const CLIENT_CERT_FAILURES: &str =
+        r#"lameduck_tls_handshake_failures_total{listener="proxy",reason="client_certificate"}"#;
+    const RELOADED: &str = r#"lameduck_tls_reloads_total{listener="proxy",result="success"}"#;
+    const REFUSED_RELOADS: &str =
+        r#"lameduck_tls_reloads_total{listener="proxy",result="failure"}"#;
+
+    assert_eq!(get_over_tls(addr, first_client.clone()).await.unwrap(), 200);
+    assert_eq!(get_over_tls(addr, first_client.clone()).await.unwrap(), 200);
+    wait_metric(
+        &ld,
+        r#"lameduck_tls_handshakes_total{listener="proxy",session="resumed"}"#,
+        1.0,
+        secs(5),
+    )
+    .await;
+    let refused = get_over_tls(addr, second_client.clone()).await;
+    assert!(refused.is_err(), "CA-2's client served: {refused:?}");
+    wait_metric(&ld, CLIENT_CERT_FAILURES, 1.0, secs(5)).await;
+
+    // The bundle becomes CA-2 by a `..data` swap: no restart, no signal.
+    ca_volume(
+        volume.path(),
+        "..v2",
+        &std::fs::read(second_ca.path("ca.crt")).unwrap(),
+    );
+    wait_metric(&ld, RELOADED, 1.0, secs(5)).await;
+    let loaded = ld
+        .wait_for_log(
+            |line| {
+                message(line)
+                    == "TLS client CA bundle loaded; new handshakes verify client certificates with it"
+            },
+            secs(5),
+        )
+        .await;
+    assert_eq!(field_u64(&loaded, "certificates"), Some(1), "{loaded}");
+    assert_eq!(
+        get_over_tls(addr, second_client.clone()).await.unwrap(),
+        200
+    );
+    // CA-1's client is refused now, its session ticket from before the swap
+    // included: resuming does not verify the certificate again, so the
+    // sessions of the old bundle must end with it.
+    let refused = get_over_tls(addr, first_client.clone()).await;
+    assert!(refused.is_err(), "CA-1's client still served: {refused:?}");
+    wait_metric(&ld, CLIENT_CERT_FAILURES, 2.0, secs(5)).await;
+
+    // Garbage, then an empty bundle: each refused once, CA-2 stays in use.
+    const REFUSED: &str = "TLS client CA reload refused, still verifying client certificates with the previous bundle";
+    ca_volume(
+        volume.path(),
+        "..v3",
+        b"-----BEGIN CERTIFICATE-----\nnot base64\n",
+    );
+    wait_metric(&ld, REFUSED_RELOADS, 1.0, secs(5)).await;
+    assert_eq!(
+        get_over_tls(addr, second_client.clone()).await.unwrap(),
+        200
+    );
+    let fresh_second =
+        pki.client_config(&[b"http/1.1"], Some(&second_ca.leaf("three", "DNS:three")));
+    assert_eq!(get_over_tls(addr, fresh_second).await.unwrap(), 200);
+    ca_volume(volume.path(), "..v4", b"");
+    wait_metric(&ld, REFUSED_RELOADS, 2.0, secs(5)).await;
+    assert_eq!(
+        get_over_tls(addr, second_client.clone()).await.unwrap(),
+        200
+    );
+    let refused = get_over_tls(addr, first_client.clone()).await;
+    assert!(
+        refused.is_err(),
+        "CA-1's client served after a refused reload: {refused:?}"
+    );
+
+    // Back to a valid bundle, then SIGHUP: both reload (the same bundle
+    // twice: the second load finds it unchanged).
+    ca_volume(
+        volume.path(),
+        "..v5",
+        &std::fs::read(second_ca.path("ca.crt")).unwrap(),
+    );
+    wait_metric(&ld, RELOADED, 2.0, secs(5)).await;
+    ld.signal(Signal::SIGHUP);
+    wait_metric(&ld, RELOADED, 3.0, secs(5)).await;
+    assert_eq!(get_over_tls(addr, second_client).await.unwrap(), 200);
+
+    // Polled every second all along: one log line per refused version.
+    let refusals = ld.logs_with_message(REFUSED);
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert!(
+        field_str(&refusals[1], "error").is_some_and(|e| e.contains("no PEM certificate")),
+        "{:?}",
+        refusals[1]
+    );
+    assert_eq!(metric(&ld, REFUSED_RELOADS).await, 2.0);
+}
+
 #[tokio::test]
 async fn the_drain_over_tls_closes_http1_and_finishes_in_flight_requests() {
     let pki = Pki::new();

@@ -33,8 +33,8 @@ use crate::observe::otlp::{self, SpanCounters, SpanSink, TimelineEvent};
 use crate::proxy::{self, ProxyContext, upstream::Upstream};
 use crate::telemetry::{LogReloader, ReloadOutcome};
 use crate::tls::{
-    ALPN_HTTP, CertFiles, ClientCa, DEFAULT_POLL_INTERVAL, Handshaker, ReloadSignal,
-    ReloadableCert, TlsError,
+    ALPN_HTTP, CertFiles, CurrentServerConfig, DEFAULT_POLL_INTERVAL, Handshaker, ReloadSignal,
+    ReloadableCert, ReloadableClientCa, TlsError,
 };
 use opentelemetry::KeyValue;
 use std::sync::Mutex;
@@ -106,9 +106,11 @@ pub struct Bound {
     admin_tls: Option<ListenerTls>,
 }
 
-/// A TLS listener's certificate (watched for changes) and handshake.
+/// A TLS listener's certificate and client CA bundle (both watched for
+/// changes) and handshake.
 struct ListenerTls {
     cert: Arc<ReloadableCert>,
+    client_ca: Option<Arc<ReloadableClientCa>>,
     handshaker: Handshaker,
 }
 
@@ -133,9 +135,24 @@ fn load_tls(
     let client_ca = settings
         .client_ca
         .as_deref()
-        .map(|path| ClientCa::load(path, "--tls-client-ca"))
+        .map(|path| {
+            ReloadableClientCa::load(
+                path,
+                "--tls-client-ca",
+                cert.clone(),
+                alpn,
+                tls_metrics.clone(),
+            )
+        })
         .transpose()?;
-    let server_config = crate::tls::server_config(cert.clone(), alpn, client_ca.as_ref())?;
+    let server_config = match &client_ca {
+        Some(ca) => ca.config().clone(),
+        None => Arc::new(CurrentServerConfig::new(crate::tls::server_config(
+            cert.clone(),
+            alpn,
+            None,
+        )?)),
+    };
     let loaded = cert.current();
     tracing::info!(
         listener = listener.as_str(),
@@ -147,7 +164,8 @@ fn load_tls(
     );
     Ok(ListenerTls {
         cert,
-        handshaker: Handshaker::new(server_config, config.tls_handshake_timeout, tls_metrics),
+        client_ca,
+        handshaker: Handshaker::following(server_config, config.tls_handshake_timeout, tls_metrics),
     })
 }
 
@@ -244,6 +262,19 @@ pub async fn run(config: Config, bound: Bound, logs: LogReloader, service: Servi
     for cert in &certificates {
         tls_watchers.spawn(crate::tls::watch_files(
             cert.clone(),
+            tls_reload.subscribe(),
+            DEFAULT_POLL_INTERVAL,
+            tls_stop.clone(),
+        ));
+    }
+    let client_cas: Vec<Arc<ReloadableClientCa>> = [&bound.proxy_tls, &bound.admin_tls]
+        .into_iter()
+        .flatten()
+        .filter_map(|tls| tls.client_ca.clone())
+        .collect();
+    for ca in client_cas {
+        tls_watchers.spawn(crate::tls::watch_files(
+            ca,
             tls_reload.subscribe(),
             DEFAULT_POLL_INTERVAL,
             tls_stop.clone(),
@@ -570,7 +601,7 @@ impl<'a> Driver<'a> {
     fn reload(&self) {
         if let Some(tls) = &self.tls_reload {
             // The watchers log the outcome, one line per certificate.
-            tracing::info!("SIGHUP: reloading the TLS certificates");
+            tracing::info!("SIGHUP: reloading the TLS certificates and client CA bundles");
             tls.trigger();
         }
         match self.logs.reload() {

@@ -42,7 +42,7 @@ impl Observer {
 
     /// The query is kept in the access log's path only with --access-log-query.
     pub fn with_query(&self) -> bool {
-        self.access_log.as_ref().is_some_and(|l| l.with_query)
+        self.access_log.as_ref().is_some_and(|l| l.with_query())
     }
 
     pub fn record(&self, entry: Entry) -> Record {

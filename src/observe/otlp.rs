@@ -197,8 +197,8 @@ fn scope() -> InstrumentationScope {
 pub fn request_span(entry: &Entry) -> Option<SpanData> {
     let trace = entry.trace?;
     let mut attributes = vec![
-        KeyValue::new("http.request.method", entry.method.clone()),
-        KeyValue::new("url.path", entry.path.clone()),
+        KeyValue::new("http.request.method", entry.method().to_owned()),
+        KeyValue::new("url.path", entry.path().to_owned()),
         KeyValue::new("url.scheme", "http"),
         KeyValue::new(
             "network.protocol.version",
@@ -206,7 +206,7 @@ pub fn request_span(entry: &Entry) -> Option<SpanData> {
         ),
         KeyValue::new("http.response.status_code", i64::from(entry.status)),
         KeyValue::new("http.response.body.size", entry.response_bytes as i64),
-        KeyValue::new("lameduck.request_id", entry.request_id.clone()),
+        KeyValue::new("lameduck.request_id", entry.request_id().to_owned()),
         KeyValue::new("lameduck.drain.phase", entry.phase),
         KeyValue::new("lameduck.draining", entry.phase != "accepting"),
         KeyValue::new("lameduck.outcome", entry.end.as_str()),
@@ -249,7 +249,7 @@ pub fn request_span(entry: &Entry) -> Option<SpanData> {
         parent_span_is_remote: trace.parent_span_id.is_some(),
         span_kind: SpanKind::Server,
         // No route is known to a proxy: the method alone (semantic conventions).
-        name: Cow::Owned(entry.method.clone()),
+        name: Cow::Owned(entry.method().to_owned()),
         start_time: entry.time,
         end_time: entry.time + entry.duration,
         attributes,
@@ -353,7 +353,7 @@ mod tests {
 
     #[test]
     fn request_spans_carry_the_trace_the_app_saw() {
-        let mut entry = Entry::new("id".into(), "HTTP/1.1", "lame_duck");
+        let mut entry = Entry::for_request(b"id", "GET", "/", false, "HTTP/1.1", "lame_duck");
         let parent = super::super::trace_context::Parent {
             trace_id: [1; 16],
             span_id: [2; 8],
@@ -364,7 +364,6 @@ mod tests {
             &super::super::trace_context::Sampler::new(0.0),
         );
         entry.trace = Some(trace);
-        entry.method = "GET".into();
         entry.status = 503;
         let span = request_span(&entry).unwrap();
         assert_eq!(span.span_context.trace_id(), TraceId::from_bytes([1; 16]));

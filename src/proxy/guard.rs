@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::body::StreamedBytes;
 use crate::drain::{DrainState, now_ms};
 use crate::observe::Record;
 use crate::observe::access_log::{End, Entry};
@@ -124,6 +125,9 @@ pub struct RequestGuard {
     end: Option<End>,
     /// Only when the request is observed (access log on, or exported).
     record: Option<Record>,
+    /// A request body that streams through hyper's client: its bytes, read
+    /// into the record when the request ends.
+    streamed_body: Option<Arc<StreamedBytes>>,
 }
 
 impl RequestGuard {
@@ -139,6 +143,7 @@ impl RequestGuard {
             completed: false,
             end: None,
             record: None,
+            streamed_body: None,
         }
     }
 
@@ -170,6 +175,13 @@ impl RequestGuard {
         self.record = Some(record);
     }
 
+    /// Takes the record out, with when the request started, for what
+    /// outlives the request: an upgraded tunnel logs when it ends, not at
+    /// its 101. The request itself still ends (and is counted) here.
+    pub fn take_record(&mut self) -> Option<(Record, Instant)> {
+        self.record.take().map(|record| (record, self.started))
+    }
+
     /// The access-log entry, when the request is observed.
     #[inline]
     pub fn entry(&mut self) -> Option<&mut Entry> {
@@ -181,6 +193,17 @@ impl RequestGuard {
         if let Some(e) = self.entry() {
             e.response_bytes += n as u64;
         }
+    }
+
+    /// A counter for a request body that streams through hyper's client,
+    /// when the request is observed (`None` otherwise: nothing to count).
+    pub fn count_streamed_body(&mut self) -> Option<Arc<StreamedBytes>> {
+        self.record.as_ref()?;
+        Some(
+            self.streamed_body
+                .insert(Arc::new(StreamedBytes::new()))
+                .clone(),
+        )
     }
 
     #[inline]
@@ -227,6 +250,9 @@ impl Drop for RequestGuard {
             };
             record.entry.status = self.status;
             record.entry.duration = elapsed;
+            if let Some(bytes) = self.streamed_body.as_ref().and_then(|b| b.get()) {
+                record.entry.request_bytes = Some(bytes);
+            }
             record.finish(end);
         }
     }

@@ -22,6 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -32,18 +33,19 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout};
 use tracing::Instrument;
 
-use super::body::ProxyBody;
+use super::body::{ProxyBody, RequestBody};
 use super::guard::{ConnActivity, GaugeGuard, RequestGuard, TimerVerdict};
 use super::h1;
 use super::h1::client::SendError;
 use super::headers;
 use super::io::{SendTimer, ServerIo, sniff};
-use super::relay::{Transferred, relay};
+use super::relay::{RelayEnd, Transferred, relay};
 use super::rules;
 use super::upstream::UpstreamError;
 use super::{ProxyContext, TrackedExecutor};
 use crate::drain::ConnectionGuard;
 use crate::metrics::{Protocol, TimeoutKind};
+use crate::observe::Record;
 use crate::observe::access_log::{End, Entry};
 
 pub async fn serve_connection(
@@ -312,14 +314,19 @@ impl ConnShared {
             } else {
                 "HTTP/1.1"
             };
-            let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
-            let mut entry = Entry::new(id, protocol, request.phase());
-            entry.trace = Some(trace);
-            entry.method = req.method().as_str().to_owned();
             let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            entry.set_target(target, observer.with_query());
-            // A streamed body's size is not known here.
-            entry.request_bytes = hyper::body::Body::size_hint(req.body()).exact();
+            let mut entry = Entry::for_request(
+                request_id.as_bytes(),
+                req.method().as_str(),
+                target,
+                observer.with_query(),
+                protocol,
+                request.phase(),
+            );
+            entry.trace = Some(trace);
+            // Counted as it is read (Content-Length or not); unknown until
+            // then, unless there is no body at all.
+            entry.request_bytes = hyper::body::Body::is_end_stream(req.body()).then_some(0);
             if req.version() < http::Version::HTTP_11 {
                 entry.protocol = "HTTP/1.0";
             }
@@ -390,6 +397,13 @@ impl ConnShared {
             let limit = ctx.config.upstream_timeout;
             let mut request = request;
             if upstream.is_http2() || client_upgrade.is_some() {
+                // A bodiless request (every upgrade, most h2 ones) costs no counter.
+                let counted = if hyper::body::Body::is_end_stream(req.body()) {
+                    None
+                } else {
+                    request.count_streamed_body()
+                };
+                let req = req.map(|body| RequestBody::new(body, counted));
                 let sent = if upstream.is_http2() {
                     timeout(limit, upstream.send_http2(req)).await
                 } else {
@@ -404,16 +418,21 @@ impl ConnShared {
                     && let Some(client_upgrade) = client_upgrade
                 {
                     let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    request.set_status(101);
+                    // The request ends with its 101; its access-log line
+                    // waits for the tunnel's end, so it can tell the
+                    // tunnel's bytes, duration and how it ended.
+                    let observed = request.take_record();
                     ctx.tasks.spawn(tunnel(
                         client_upgrade,
                         upstream_upgrade,
                         self.guard.clone(),
                         ctx.clone(),
+                        observed,
                     ));
                     response
                         .headers_mut()
                         .insert(headers::X_REQUEST_ID.clone(), request_id);
-                    request.set_status(101);
                     return response.map(|body| ProxyBody::hyper(body, request));
                 }
                 return self.proxied(response, request, request_id, ProxyBody::hyper);
@@ -540,16 +559,39 @@ impl ConnShared {
 /// Copies bytes both ways between an upgraded client and app connection until
 /// either side closes, or the deadline forces it. Holds the connection's guard,
 /// so the connection counts as open (and the drain waits) until it ends.
+/// `observed`: the upgrade request's record and start, finished here as the
+/// tunnel's access-log line (status 101, bytes each way over the tunnel's
+/// life, duration from the request head to the tunnel's end).
 async fn tunnel(
     client: OnUpgrade,
     upstream: OnUpgrade,
     conn: Arc<ConnectionGuard>,
     ctx: Arc<ProxyContext>,
+    observed: Option<(Record, std::time::Instant)>,
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
+    let finish = |end: End, bytes: Option<&Transferred>| {
+        let Some((mut record, started)) = observed else {
+            return;
+        };
+        let entry = &mut record.entry;
+        entry.status = 101;
+        if let Some(bytes) = bytes {
+            entry.request_bytes = Some(bytes.from_a.load(Ordering::Relaxed));
+            entry.response_bytes = bytes.from_b.load(Ordering::Relaxed);
+        }
+        entry.duration = started.elapsed();
+        record.finish(end);
+    };
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (client, upstream) => {
+            let end = if client.is_err() {
+                End::ClientAborted
+            } else {
+                End::Upstream("closed")
+            };
+            tracing::debug!(client = ?client.err(), upstream = ?upstream.err(), "upgrade failed");
+            finish(end, None);
             return;
         }
     };
@@ -557,8 +599,21 @@ async fn tunnel(
     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
     let idle_timeout = ctx.config.tunnel_idle_timeout;
     let bytes = Transferred::default();
-    tokio::select! {
-        ended = relay(&mut client, &mut upstream, idle_timeout, &bytes) => ended.log("tunnel"),
-        () = ctx.lifecycle.tokens.force.cancelled() => conn.mark_forced(),
-    }
+    let end = tokio::select! {
+        ended = relay(&mut client, &mut upstream, idle_timeout, &bytes) => {
+            let end = match &ended {
+                RelayEnd::Finished => End::Ok,
+                RelayEnd::Idle => End::IdleTimeout,
+                RelayEnd::Failed(_) if bytes.a_failed.load(Ordering::Relaxed) => End::ClientAborted,
+                RelayEnd::Failed(_) => End::Aborted,
+            };
+            ended.log("tunnel");
+            end
+        }
+        () = ctx.lifecycle.tokens.force.cancelled() => {
+            conn.mark_forced();
+            End::Forced
+        }
+    };
+    finish(end, Some(&bytes));
 }

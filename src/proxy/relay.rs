@@ -11,7 +11,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -41,11 +41,14 @@ impl RelayEnd {
     }
 }
 
-/// Bytes read from each side of a relay.
+/// Bytes read from each side of a relay, and which side's I/O failed (a
+/// reset, a broken pipe): `copy_bidirectional`'s error does not say.
 #[derive(Debug, Default)]
 pub struct Transferred {
     pub from_a: AtomicU64,
     pub from_b: AtomicU64,
+    pub a_failed: AtomicBool,
+    pub b_failed: AtomicBool,
 }
 
 impl Transferred {
@@ -67,10 +70,12 @@ where
     let mut a = Counted {
         io: a,
         bytes: &bytes.from_a,
+        failed: &bytes.a_failed,
     };
     let mut b = Counted {
         io: b,
         bytes: &bytes.from_b,
+        failed: &bytes.b_failed,
     };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
@@ -98,10 +103,20 @@ where
     }
 }
 
-/// An I/O object whose bytes read are counted.
+/// An I/O object whose bytes read are counted, and its failures noted.
 struct Counted<'a, T> {
     io: &'a mut T,
     bytes: &'a AtomicU64,
+    failed: &'a AtomicBool,
+}
+
+impl<T> Counted<'_, T> {
+    fn note<R>(&self, polled: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if let Poll::Ready(Err(_)) = &polled {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
@@ -117,7 +132,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
         if read > 0 {
             this.bytes.fetch_add(read as u64, Ordering::Relaxed);
         }
-        polled
+        this.note(polled)
     }
 }
 
@@ -127,15 +142,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_write(cx, buf);
+        this.note(polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_flush(cx);
+        this.note(polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_shutdown(cx);
+        this.note(polled)
     }
 }
 

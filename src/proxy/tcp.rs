@@ -24,10 +24,11 @@ where
 {
     guard.set_protocol(Protocol::Tcp);
     let started = Instant::now();
-    let mut entry = ctx.observer.access_log.is_some().then(|| {
-        let id = String::from_utf8_lossy(&ctx.ids.next_bytes()).into_owned();
-        Entry::new(id, "tcp", ctx.lifecycle.phase().as_str())
-    });
+    let mut entry = ctx
+        .observer
+        .access_log
+        .is_some()
+        .then(|| Entry::new(&ctx.ids.next_bytes(), "tcp", ctx.lifecycle.phase().as_str()));
     let log = |entry: Option<Entry>, end: End, bytes: Option<&Transferred>| {
         let (Some(mut entry), Some(log)) = (entry, &ctx.observer.access_log) else {
             return;

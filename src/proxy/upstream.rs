@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use http::uri::Authority;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -21,6 +20,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::body::RequestBody;
 use crate::config::{Config, UpstreamProtocol};
 use crate::metrics::UpstreamErrorKind;
 
@@ -91,7 +91,7 @@ struct Inner {
     /// Idle HTTP/1 connections (`proxy::h1`): plain sockets, no task and no
     /// buffer while idle.
     idle_streams: Mutex<Vec<TcpStream>>,
-    shared_http2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    shared_http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     tasks: TaskTracker,
     closing: CancellationToken,
 }
@@ -102,7 +102,7 @@ impl Inner {
         self.idle_streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn shared(&self) -> MutexGuard<'_, Option<http2::SendRequest<Incoming>>> {
+    fn shared(&self) -> MutexGuard<'_, Option<http2::SendRequest<RequestBody>>> {
         self.shared_http2.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -237,8 +237,8 @@ impl Upstream {
     /// connection is never pooled: after a 101 it belongs to the tunnel.
     pub async fn send_upgrade(
         &self,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        req: Request<RequestBody>,
+    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
         let mut sender = self.connect_http1().await?;
         sender
             .send_request(req)
@@ -246,7 +246,7 @@ impl Upstream {
             .map_err(UpstreamError::from_hyper)
     }
 
-    async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let stream = self.connect_tcp().await?;
         let (sender, conn) = http1::Builder::new()
             .writev(false)
@@ -269,8 +269,8 @@ impl Upstream {
 
     pub async fn send_http2(
         &self,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        req: Request<RequestBody>,
+    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
         let mut sender = self.shared_http2().await?;
         match sender.try_send_request(req).await {
             Ok(response) => Ok(response),
@@ -290,7 +290,7 @@ impl Upstream {
         }
     }
 
-    async fn shared_http2(&self) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    async fn shared_http2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         if let Some(sender) = self.inner.shared().as_ref().filter(|s| !s.is_closed()) {
             return Ok(sender.clone());
         }

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
-use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -51,7 +50,7 @@ pub struct FileVersion {
 }
 
 impl FileVersion {
-    fn of(path: &Path) -> Option<FileVersion> {
+    pub(super) fn of(path: &Path) -> Option<FileVersion> {
         use std::os::unix::fs::MetadataExt;
         // `metadata` follows symlinks, every level of them.
         let meta = fs::metadata(path).ok()?;
@@ -177,32 +176,6 @@ fn end_entity_facts(der: &CertificateDer<'_>) -> Result<(i64, String), String> {
         cert.validity().not_after.timestamp(),
         cert.subject().to_string(),
     ))
-}
-
-/// The CAs that sign acceptable client certificates (`--tls-client-ca`).
-#[derive(Debug, Clone)]
-pub struct ClientCa {
-    pub roots: Arc<RootCertStore>,
-    pub path: PathBuf,
-    pub flag: &'static str,
-}
-
-impl ClientCa {
-    pub fn load(path: &Path, flag: &'static str) -> Result<ClientCa, TlsError> {
-        let mut roots = RootCertStore::empty();
-        for cert in load_certificates(path, flag)? {
-            roots.add(cert).map_err(|source| TlsError::ClientCa {
-                flag,
-                path: path.to_path_buf(),
-                source,
-            })?;
-        }
-        Ok(ClientCa {
-            roots: Arc::new(roots),
-            path: path.to_path_buf(),
-            flag,
-        })
-    }
 }
 
 // === impl ReloadableCert ===

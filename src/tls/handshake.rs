@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use super::CurrentServerConfig;
 use crate::metrics::{HandshakeFailure, TlsMetrics};
 
 /// The first byte of every TLS record that starts a handshake (RFC 8446
@@ -34,7 +35,8 @@ This port speaks TLS: use https:// instead.\n";
 /// Accepts TLS on accepted TCP connections for one listener.
 #[derive(Clone)]
 pub struct Handshaker {
-    acceptor: TlsAcceptor,
+    /// Taken afresh for every handshake: a client CA reload replaces it.
+    config: Arc<CurrentServerConfig>,
     timeout: Duration,
     metrics: TlsMetrics,
 }
@@ -66,16 +68,28 @@ impl Drop for InProgress {
 }
 
 impl Handshaker {
+    /// Every handshake with `config`, for good.
     pub fn new(config: Arc<ServerConfig>, timeout: Duration, metrics: TlsMetrics) -> Self {
+        Self::following(Arc::new(CurrentServerConfig::new(config)), timeout, metrics)
+    }
+
+    /// Every handshake with the config `config` holds at its start (a
+    /// [`super::ReloadableClientCa`] replaces it).
+    pub fn following(
+        config: Arc<CurrentServerConfig>,
+        timeout: Duration,
+        metrics: TlsMetrics,
+    ) -> Self {
         Handshaker {
-            acceptor: TlsAcceptor::from(config),
+            config,
             timeout,
             metrics,
         }
     }
 
-    pub fn config(&self) -> &Arc<ServerConfig> {
-        self.acceptor.config()
+    /// The config the next handshake gets.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.get()
     }
 
     pub fn metrics(&self) -> &TlsMetrics {
@@ -139,7 +153,10 @@ impl Handshaker {
                 detail: "cleartext HTTP on the TLS port, answered 400".into(),
             });
         }
-        self.acceptor.accept(tcp).await.map_err(classify)
+        TlsAcceptor::from(self.config.get())
+            .accept(tcp)
+            .await
+            .map_err(classify)
     }
 }
 

@@ -12,9 +12,15 @@
 //!   reaches new handshakes and leaves running connections alone.
 //!   [`ReloadableCert::reload`] refuses a broken or mismatched pair and keeps
 //!   the previous one.
-//! - [`watch_files`] is the reload task the caller owns: polls the files
-//!   (resolved through symlinks, as a Kubernetes Secret volume swaps
-//!   `..data`) and reloads on a [`ReloadSignal`] (SIGHUP), until cancelled.
+//! - [`ReloadableClientCa`] is an mTLS listener's client CA bundle: a
+//!   reload that reads a valid, different bundle builds a new `ServerConfig`
+//!   (new verifier, new session keys) and swaps the [`CurrentServerConfig`]
+//!   new handshakes take; a broken or empty bundle is refused and the
+//!   previous config stays.
+//! - [`watch_files`] is the reload task the caller owns, for either of them
+//!   ([`WatchedFiles`]): polls the files (resolved through symlinks, as a
+//!   Kubernetes Secret volume swaps `..data`) and reloads on a
+//!   [`ReloadSignal`] (SIGHUP), until cancelled.
 //! - [`server_config`] builds the `ServerConfig`: TLS 1.2 and 1.3 only,
 //!   session tickets plus a bounded session cache, no 0-RTT, optional client
 //!   certificates ([`ClientCa`], verified by `WebPkiClientVerifier`).
@@ -29,17 +35,19 @@
 //! hand-written PEM, X.509 or TLS code; no task is spawned here.
 
 mod cert;
+mod client_ca;
 mod handshake;
 mod identity;
 mod watch;
 
 pub use cert::{
-    CertFiles, ClientCa, FileVersion, FileVersions, LoadedCert, ReloadableCert, Reloaded,
-    load_certificates, load_pair, load_private_key,
+    CertFiles, FileVersion, FileVersions, LoadedCert, ReloadableCert, Reloaded, load_certificates,
+    load_pair, load_private_key,
 };
+pub use client_ca::{CaReloaded, ClientCa, CurrentServerConfig, ReloadableClientCa};
 pub use handshake::{HandshakeError, Handshaker};
 pub use identity::{CLIENT_CERT_HEADER, PeerIdentity};
-pub use watch::{DEFAULT_POLL_INTERVAL, ReloadSignal, reload_and_log, watch_files};
+pub use watch::{DEFAULT_POLL_INTERVAL, ReloadSignal, WatchedFiles, reload_and_log, watch_files};
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! Reloads a [`ReloadableCert`] when its files change or on demand (SIGHUP).
+//! Reloads a [`ReloadableCert`] or a [`ReloadableClientCa`] when its files
+//! change or on demand (SIGHUP).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::ReloadableCert;
+use super::{CaReloaded, ReloadableCert, ReloadableClientCa};
 
 /// How often the watcher looks at the files by default. A Secret volume is
 /// updated by kubelet's sync loop (a minute or more after the Secret changed),
@@ -40,18 +41,28 @@ impl Default for ReloadSignal {
     }
 }
 
-/// Polls the certificate's files every `interval` and reloads when either
-/// changed, and reloads whenever `reload` is triggered; returns when `stop`
-/// is cancelled. The caller owns the task (spawn it on its tracker).
+/// What [`watch_files`] keeps current: files it can compare with the last
+/// load, and a reload that writes its own log line.
+pub trait WatchedFiles: Send + Sync + 'static {
+    /// The files differ from what the last load (or attempt) read, and are
+    /// all there (one missing mid-swap is seen at the next poll).
+    fn changed_since_last_load(&self) -> bool;
+    /// One reload with its one log line; `why` says what asked for it.
+    fn reload_and_log(&self, why: &str);
+}
+
+/// Polls the files every `interval` and reloads when they changed, and
+/// reloads whenever `reload` is triggered; returns when `stop` is
+/// cancelled. The caller owns the task (spawn it on its tracker).
 ///
-/// A pair that fails to load (unreadable, not PEM, key and certificate not
-/// matching) is logged once per version of the files and the current pair
-/// stays; a write in two steps (certificate, then key) therefore logs one
-/// refusal for the half-written state and then loads. The file reads are
-/// blocking but small and local (a Secret volume is tmpfs), so they run on
-/// this task rather than on the blocking pool.
+/// Files that fail to load (unreadable, not PEM, key and certificate not
+/// matching, an empty CA bundle) are logged once per version and what is in
+/// use stays; a write in two steps (certificate, then key) therefore logs
+/// one refusal for the half-written state and then loads. The file reads
+/// are blocking but small and local (a Secret volume is tmpfs), so they run
+/// on this task rather than on the blocking pool.
 pub async fn watch_files(
-    cert: Arc<ReloadableCert>,
+    target: Arc<impl WatchedFiles>,
     mut reload: watch::Receiver<u64>,
     interval: Duration,
     stop: CancellationToken,
@@ -66,12 +77,10 @@ pub async fn watch_files(
             _ = ticker.tick() => {
                 // Compared with what the last load attempt read, so a
                 // broken version is refused once, not every second.
-                match cert.files().versions() {
-                    Some(now) if Some(&now) != cert.attempted().as_ref() => "files changed",
-                    // Unchanged, or a file missing mid-swap (the next poll
-                    // sees the new one).
-                    _ => continue,
+                if !target.changed_since_last_load() {
+                    continue;
                 }
+                "files changed"
             }
             changed = reload.changed(), if signal_open => {
                 if changed.is_err() {
@@ -82,7 +91,17 @@ pub async fn watch_files(
                 "reload requested"
             }
         };
-        reload_and_log(&cert, why);
+        target.reload_and_log(why);
+    }
+}
+
+impl WatchedFiles for ReloadableCert {
+    fn changed_since_last_load(&self) -> bool {
+        matches!(self.files().versions(), Some(now) if Some(&now) != self.attempted().as_ref())
+    }
+
+    fn reload_and_log(&self, why: &str) {
+        reload_and_log(self, why)
     }
 }
 
@@ -105,5 +124,37 @@ pub fn reload_and_log(cert: &ReloadableCert, why: &str) {
             error = %e,
             "TLS certificate reload refused, still serving the previous certificate"
         ),
+    }
+}
+
+impl WatchedFiles for ReloadableClientCa {
+    fn changed_since_last_load(&self) -> bool {
+        ReloadableClientCa::changed_since_last_load(self)
+    }
+
+    fn reload_and_log(&self, why: &str) {
+        let listener = self.metrics().listener.as_str();
+        let ca = self.path().display();
+        match self.reload() {
+            Ok(CaReloaded::Replaced { certificates }) => tracing::info!(
+                listener,
+                why,
+                %ca,
+                certificates,
+                "TLS client CA bundle loaded; new handshakes verify client certificates with it"
+            ),
+            Ok(CaReloaded::Unchanged) => tracing::info!(
+                listener,
+                why,
+                %ca,
+                "TLS client CA bundle unchanged; sessions keep resuming"
+            ),
+            Err(e) => tracing::error!(
+                listener,
+                why,
+                error = %e,
+                "TLS client CA reload refused, still verifying client certificates with the previous bundle"
+            ),
+        }
     }
 }

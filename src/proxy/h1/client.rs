@@ -82,7 +82,7 @@ pub async fn send(
             return Err(UpstreamError::Closed(e.into()).into());
         }
         if !body.is_end_stream() {
-            send_body(&mut app, &mut body, chunked, body_timeout).await?;
+            send_body(&mut app, &mut body, chunked, body_timeout, request).await?;
         }
         match read_response(app, is_head, upstream).await {
             Ok(response) => return Ok(response),
@@ -128,6 +128,7 @@ async fn send_body(
     body: &mut Incoming,
     chunked: bool,
     body_timeout: Duration,
+    request: &mut RequestGuard,
 ) -> Result<(), SendError> {
     let closed = |e: io::Error| UpstreamError::Closed(e.into());
     // A small chunk goes out whole in one write: size line, data, CRLF.
@@ -142,6 +143,8 @@ async fn send_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        // The data as the client sent it, before any framing for the app.
+        request.add_request_bytes(data.len());
         if !chunked {
             app.write_all(&data).await.map_err(closed)?;
         } else if data.is_empty() {
@@ -160,6 +163,8 @@ async fn send_body(
             app.write_all(b"\r\n").await.map_err(closed)?;
         }
     }
+    // The body ended: its size is known now, even with no data in it.
+    request.add_request_bytes(0);
     if chunked {
         app.write_all(b"0\r\n\r\n").await.map_err(closed)?;
     }

@@ -448,15 +448,15 @@ impl<'a> Connection<'a> {
         request.set_status(400);
         let request_id = ctx.ids.next_bytes();
         if ctx.observer.wants(None) {
-            let mut entry = Entry::new(
-                String::from_utf8_lossy(&request_id).into_owned(),
+            let (method, target) = request_line(&self.input).unwrap_or(("", ""));
+            let entry = Entry::for_request(
+                &request_id,
+                method,
+                target,
+                ctx.observer.with_query(),
                 "HTTP/1.1",
                 request.phase(),
             );
-            if let Some((method, target)) = request_line(&self.input) {
-                entry.method = method.to_owned();
-                entry.set_target(target, ctx.observer.with_query());
-            }
             request.observe(ctx.observer.record(entry));
         }
         request.set_end(End::Refused);
@@ -638,16 +638,16 @@ fn observe(
     input: &[u8],
     req: &head::Request,
 ) {
-    let mut entry = Entry::new(
-        String::from_utf8_lossy(req.request_id.as_bytes()).into_owned(),
+    let (method, target) = request_line(input).unwrap_or(("", ""));
+    let mut entry = Entry::for_request(
+        req.request_id.as_bytes(),
+        method,
+        target,
+        observer.with_query(),
         "HTTP/1.1",
         request.phase(),
     );
     entry.trace = Some(req.trace);
-    if let Some((method, target)) = request_line(input) {
-        entry.method = method.to_owned();
-        entry.set_target(target, observer.with_query());
-    }
     request.observe(observer.record(entry));
 }
 
