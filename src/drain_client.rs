@@ -99,7 +99,8 @@ pub async fn run(args: DrainArgs) -> Result<(String, Option<OpenConnection>), Dr
     if !args.wait {
         return Ok((format!("drain started on {}", args.admin), None));
     }
-    let path = format!("/drained?timeout={}ms", args.timeout.as_millis());
+    // hook=1: lameduck waits for this connection to close before it exits.
+    let path = format!("/drained?timeout={}ms&hook=1", args.timeout.as_millis());
     let (status, body, connection) = call(
         args.admin,
         Method::GET,

@@ -389,8 +389,9 @@ async fn drained_returns_200_json_summary_once_drained() {
 }
 
 /// The kubelet's preStop `GET /drained` on a keep-alive connection: the
-/// answer closes it, so lameduck's exit (which waits for /drained clients to
-/// go, lest it kill a hook that has its answer) costs nothing after SIGTERM.
+/// answer closes it, and lameduck's exit does not wait for it (it waits only
+/// for `hook=1` clients on loopback, its own container's hook; see
+/// tests/drain_http1.rs), so the exit after SIGTERM costs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_answer_closes_the_hooks_connection_and_the_exit_does_not_wait() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -420,14 +420,15 @@ async fn summary_line_has_all_fields_and_counts_requests_served_during_the_drain
 /// completes, and when a container's first process exits the kernel kills
 /// everything else in it: a hook that has its answer but has not exited yet
 /// dies with exit 137 (the kubelet reports FailedPreStopHook). So lameduck
-/// waits (up to 1 s) for its `/drained` clients to close their connections,
-/// and `lameduck drain --wait` closes its connection only at its own exit.
+/// waits (up to 1 s) for its `/drained?hook=1` clients on loopback to close
+/// their connections, and `lameduck drain --wait` (which sends `hook=1`)
+/// closes its connection only at its own exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lameduck_outlives_a_drained_client_that_has_its_answer() {
     let (_app, mut ld) =
         app_behind_lameduck(&["--drain-delay", "200ms", "--metrics-linger", "0s"]).await;
     let mut hook = RawConn::connect(ld.admin_addr()).await;
-    hook.send_raw(b"GET /drained?timeout=10s HTTP/1.1\r\nHost: a\r\n\r\n")
+    hook.send_raw(b"GET /drained?timeout=10s&hook=1 HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
     assert_eq!(post(ld.admin_addr(), "/drain").await.0, 202);

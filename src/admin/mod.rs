@@ -169,7 +169,7 @@ async fn accept(
             });
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                if req.uri().path() == "/drained" {
+                if req.uri().path() == "/drained" && outlived(peer, req.uri().query()) {
                     hook.mark();
                 }
                 async move { Ok::<_, Infallible>(route(&state, peer, req).await) }
@@ -194,8 +194,23 @@ async fn accept(
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
-/// An admin connection that has asked `GET /drained`: counted in
-/// `AdminState::drained_clients` from then until it closes.
+/// `GET /drained?hook=1` from loopback: a preStop hook in lameduck's own
+/// container (`lameduck drain --wait`), which the kernel kills when
+/// lameduck, the container's first process, exits. lameduck therefore waits
+/// (bounded) for such a client to close its connection, at the hook's own
+/// exit. Only loopback: a peer outside the pod has no process lameduck's
+/// exit could kill, and must not be able to hold the exit up.
+fn outlived(peer: SocketAddr, query: Option<&str>) -> bool {
+    peer.ip().to_canonical().is_loopback()
+        && query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .any(|pair| pair == "hook=1")
+}
+
+/// An admin connection that has asked `GET /drained?hook=1` (see
+/// [`outlived`]): counted in `AdminState::drained_clients` from then until
+/// it closes.
 struct DrainedClient {
     state: Arc<AdminState>,
     marked: AtomicBool,
@@ -327,13 +342,16 @@ async fn route(
         }
         "/status" if read => json(StatusCode::OK, &Status::of(lifecycle)),
         "/drained" if read => {
-            // The hook's connection closes with the answer: lameduck's exit
-            // waits for /drained clients to go (see `AdminServer::shutdown`),
-            // and a kubelet keeping it alive would cost that whole wait.
             let mut response = drained(state, req.uri().query()).await;
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            // Any other waiter's connection (the kubelet's httpGet hook for
+            // the app, a person's curl) closes with the answer: nothing to
+            // keep it for, and a kept-alive one only delays the admin
+            // server's close.
+            if !outlived(peer, req.uri().query()) {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             response
         }
         "/drain" if req.method() == Method::POST => {
