@@ -95,12 +95,24 @@ impl AsyncWrite for Downstream {
     }
 }
 
+/// After lameduck's side of a connection is closed (close_notify and FIN
+/// sent), how long it goes on reading, and discarding, what the client still
+/// sends, until the client closes too. A socket closed with unread bytes in
+/// it is answered with a reset, and a reset can destroy the last response in
+/// the client's receive queue before the client has read it (nginx's
+/// `lingering_close` exists for this). A TLS client's own close_notify and an
+/// HTTP/2 client's WINDOW_UPDATE after the last response are such bytes; so
+/// is a pipelined request after `Connection: close`.
+const LINGER: Duration = Duration::from_millis(500);
+
 pub struct ServerIo {
     stream: Downstream,
     replay: Replay,
     activity: Arc<ConnActivity>,
     track_heads: bool,
     send: SendTimer,
+    /// Set once the write side is shut down: the bound on lingering.
+    linger: Option<Pin<Box<Sleep>>>,
 }
 
 /// --send-timeout for hyper's writes: armed when a write blocks, disarmed by
@@ -247,6 +259,28 @@ impl ServerIo {
             activity,
             track_heads: protocol == Protocol::Http1,
             send,
+            linger: None,
+        }
+    }
+
+    /// Reads and drops what the client still sends until it closes, fails,
+    /// or [`LINGER`] has passed.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(until) = self.linger.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 1024];
+        loop {
+            if until.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                // The client closed (or broke) its side: done.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 
@@ -317,7 +351,13 @@ impl AsyncWrite for ServerIo {
         Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
+    /// close_notify and FIN, then the linger (see [`LINGER`]).
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+            this.linger = Some(Box::pin(sleep(LINGER)));
+        }
+        this.poll_linger(cx)
     }
 }
