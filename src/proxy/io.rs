@@ -102,8 +102,11 @@ impl AsyncWrite for Downstream {
 /// the client's receive queue before the client has read it (nginx's
 /// `lingering_close` exists for this). A TLS client's own close_notify and an
 /// HTTP/2 client's WINDOW_UPDATE after the last response are such bytes; so
-/// is a pipelined request after `Connection: close`.
+/// is a pipelined request after `Connection: close`. A client that keeps
+/// sending past [`LINGER_BYTES`] is not absorbed (a flood cut off with a 431
+/// must stay cut off): the socket is closed then, reset or not.
 const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 64 * 1024;
 
 pub struct ServerIo {
     stream: Downstream,
@@ -113,6 +116,8 @@ pub struct ServerIo {
     send: SendTimer,
     /// Set once the write side is shut down: the bound on lingering.
     linger: Option<Pin<Box<Sleep>>>,
+    /// Bytes dropped while lingering.
+    lingered: usize,
 }
 
 /// --send-timeout for hyper's writes: armed when a write blocks, disarmed by
@@ -260,11 +265,12 @@ impl ServerIo {
             track_heads: protocol == Protocol::Http1,
             send,
             linger: None,
+            lingered: 0,
         }
     }
 
     /// Reads and drops what the client still sends until it closes, fails,
-    /// or [`LINGER`] has passed.
+    /// [`LINGER`] has passed or it has sent [`LINGER_BYTES`].
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Some(until) = self.linger.as_mut() else {
             return Poll::Ready(Ok(()));
@@ -276,7 +282,12 @@ impl ServerIo {
             }
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    self.lingered += buf.filled().len();
+                    if self.lingered >= LINGER_BYTES {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
                 // The client closed (or broke) its side: done.
                 Poll::Ready(_) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
