@@ -75,6 +75,7 @@ async fn rollout_under_load(lab: &Lab, deployment: &str, selector: &str, kind: K
         REPLICAS as usize,
         "pods of {deployment}: {old:?}"
     );
+    Load::wait_until_served(addr, Duration::from_secs(20)).await;
     let load = Load::start(addr, kind, CLIENTS, ROLLOUT_BOUND + Duration::from_secs(30));
     // Warm: every client has been served before the rollout starts.
     let warm = Instant::now() + Duration::from_secs(20);
@@ -288,6 +289,7 @@ fn pod_deletion_scale_down_short_grace_and_eviction_lose_no_request() {
         rollout::wait_rolled_out(lab, "ld", Duration::from_secs(90)).await;
         let sel = "app.kubernetes.io/instance=ld";
         let addr = rollout::cluster_ip(lab, "ld").await;
+        Load::wait_until_served(addr, Duration::from_secs(20)).await;
         let load = Load::start(addr, Kind::KeepAlive, CLIENTS, Duration::from_secs(400));
         let mut steps = Vec::new();
 

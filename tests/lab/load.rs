@@ -218,6 +218,24 @@ impl Load {
         self.tally.counts()
     }
 
+    /// Waits until one client has been served through `addr` (a new
+    /// Service's ClusterIP works only once kube-proxy has programmed it, up
+    /// to a second or more after the Deployment is available); what failed
+    /// before that is not counted anywhere. Panics after `within`.
+    pub async fn wait_until_served(addr: SocketAddr, within: Duration) {
+        let probe = Load::start(addr, Kind::PerRequest, 1, within);
+        let until = Instant::now() + within;
+        while probe.counts().ok == 0 {
+            assert!(
+                Instant::now() < until,
+                "{addr} served nothing within {within:?}: {}",
+                probe.counts()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        probe.stop().await;
+    }
+
     /// Stops the clients (each finishes its request in flight) and returns
     /// the final counts.
     pub async fn stop(self) -> Counts {
