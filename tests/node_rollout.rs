@@ -119,37 +119,46 @@ async fn rollout_under_load(lab: &Lab, deployment: &str, selector: &str, kind: K
     }
 }
 
-/// lameduck's side of each old pod: its container exited 0, and the drain
-/// Events tell that the window ended on the EndpointSlices and the deadline
-/// stayed within the pod's grace period.
+/// A stopped pod's lameduck exited 0 (its log is printed if not) and
+/// published `DrainStarted`, `EndpointsRemoved` and `DrainCompleted`; the
+/// pod's drain Events, reason → note.
+async fn exited_0_with_drain_events(
+    lab: &Lab,
+    pods: &PodLog,
+    pod: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let rec = pods.get(pod).unwrap_or_default();
+    if rec.exits.get("lameduck") != Some(&0) {
+        let log = std::env::temp_dir().join(format!("lameduck-lab-logs/{pod}.log"));
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            eprintln!("----- {} -----\n{text}", log.display());
+        }
+    }
+    assert_eq!(
+        rec.exits.get("lameduck"),
+        Some(&0),
+        "pod {pod}: lameduck's exit (container statuses seen: {:?})",
+        rec.exits
+    );
+    const DRAINED: [&str; 3] = ["DrainStarted", "EndpointsRemoved", "DrainCompleted"];
+    let ev = rollout::wait_drain_events(lab, pod, &DRAINED, Duration::from_secs(10)).await;
+    for reason in DRAINED {
+        assert!(
+            ev.contains_key(reason),
+            "pod {pod}: no {reason} Event: {ev:?}"
+        );
+    }
+    ev
+}
+
+/// lameduck's side of each old pod with the native sidecar: it exited 0,
+/// and the drain Events tell that the window ended on the EndpointSlices,
+/// every hook returned cleanly and the deadline stayed within the pod's
+/// grace period.
 async fn assert_lameduck_drained(lab: &Lab, pods: &PodLog, old: &[String]) {
     for pod in old {
+        let ev = exited_0_with_drain_events(lab, pods, pod).await;
         let rec = pods.get(pod).unwrap_or_default();
-        if rec.exits.get("lameduck") != Some(&0) {
-            let log = std::env::temp_dir().join(format!("lameduck-lab-logs/{pod}.log"));
-            if let Ok(text) = std::fs::read_to_string(&log) {
-                eprintln!("----- {} -----\n{text}", log.display());
-            }
-        }
-        assert_eq!(
-            rec.exits.get("lameduck"),
-            Some(&0),
-            "pod {pod}: lameduck's exit (container statuses seen: {:?})",
-            rec.exits
-        );
-        let ev = rollout::wait_drain_events(
-            lab,
-            pod,
-            &["DrainStarted", "EndpointsRemoved", "DrainCompleted"],
-            Duration::from_secs(10),
-        )
-        .await;
-        for reason in ["DrainStarted", "EndpointsRemoved", "DrainCompleted"] {
-            assert!(
-                ev.contains_key(reason),
-                "pod {pod}: no {reason} Event: {ev:?}"
-            );
-        }
         assert!(!ev.contains_key("DrainForced"), "pod {pod}: {ev:?}");
         // The kubelet's record of the hooks: the app's GET /drained and the
         // sidecar's `lameduck drain --wait` both returned cleanly.
@@ -382,24 +391,7 @@ fn pod_deletion_scale_down_short_grace_and_eviction_lose_no_request() {
         );
         assert_eq!(r.counts.failed(), 0, "classic layout: {}", r.counts);
         for pod in &r.old {
-            let rec = pods.get(pod).unwrap_or_default();
-            assert_eq!(
-                rec.exits.get("lameduck"),
-                Some(&0),
-                "{pod}: {:?}",
-                rec.exits
-            );
-            let ev = rollout::wait_drain_events(
-                lab,
-                pod,
-                &["DrainStarted", "EndpointsRemoved", "DrainCompleted"],
-                Duration::from_secs(10),
-            )
-            .await;
-            assert!(
-                ev.contains_key("EndpointsRemoved") && ev.contains_key("DrainCompleted"),
-                "{pod}: {ev:?}"
-            );
+            exited_0_with_drain_events(lab, &pods, pod).await;
         }
     });
 }
