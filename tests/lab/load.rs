@@ -453,38 +453,44 @@ async fn http2_client(addr: SocketAddr, tally: &Tally, go: impl Fn() -> bool) {
     }
 }
 
-/// The server did not process the request: see `Tally::unsent`.
-fn never_processed(e: &hyper::Error) -> bool {
-    if e.is_canceled() {
-        return true;
-    }
+/// The first I/O or h2 error in `e`'s chain of sources.
+enum Cause<'a> {
+    Io(&'a io::Error),
+    H2(&'a h2::Error),
+}
+
+fn cause(e: &hyper::Error) -> Option<Cause<'_>> {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return Some(Cause::Io(io));
+        }
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+            return Some(Cause::H2(h2));
         }
         src = s.source();
     }
-    false
+    None
+}
+
+/// The server did not process the request: see `Tally::unsent`.
+fn never_processed(e: &hyper::Error) -> bool {
+    e.is_canceled()
+        || matches!(cause(e), Some(Cause::H2(h2))
+            if h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
 }
 
 fn h2_fail(e: &hyper::Error) -> Fail {
     if never_processed(e) {
         return Fail::Unsent;
     }
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            return Fail::of(io);
+    match cause(e) {
+        Some(Cause::Io(io)) => return Fail::of(io),
+        Some(Cause::H2(h2)) if h2.is_io() || h2.is_reset() || h2.is_go_away() => {
+            return Fail::Reset;
         }
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return if h2.is_io() || h2.is_reset() || h2.is_go_away() {
-                Fail::Reset
-            } else {
-                Fail::Other(h2.to_string())
-            };
-        }
-        src = s.source();
+        Some(Cause::H2(h2)) => return Fail::Other(h2.to_string()),
+        None => {}
     }
     if e.is_incomplete_message() || e.is_closed() {
         return Fail::Eof;
